@@ -1,0 +1,1 @@
+fn main() { ltv_containers::process::init_main() }

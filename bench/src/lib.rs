@@ -1,0 +1,1 @@
+//! Density and overhead harness (`ltv bench`); grows with each backend.

@@ -1,0 +1,75 @@
+//! Plain data describing a container. The daemon fills it; the runtime only reads it.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Everything needed to create one container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Instance name; also used in log messages.
+    pub name: String,
+    pub hostname: String,
+    pub rootfs: RootfsSpec,
+    pub process: ProcessSpec,
+    pub limits: Limits,
+    /// Cgroup path relative to each hierarchy's root, e.g. `ltv/app1`.
+    pub cgroup: String,
+    pub network: NetworkMode,
+    /// `None` runs the container without a user namespace (privileged).
+    pub idmap: Option<IdMap>,
+}
+
+/// An overlayfs rootfs: read-only image layers below, a per-instance upper dir on top.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootfsSpec {
+    /// Lower layers, topmost first (overlayfs `lowerdir` order).
+    pub lowerdirs: Vec<PathBuf>,
+    pub upperdir: PathBuf,
+    pub workdir: PathBuf,
+    /// Where the merged rootfs is mounted on the host before `pivot_root`.
+    pub mountpoint: PathBuf,
+}
+
+/// One process: the container's first process, or one started by `exec`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// argv; `args[0]` is looked up in `PATH` from `env` when it has no `/`.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` pairs.
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default)]
+    pub additional_gids: Vec<u32>,
+    /// The stdio given is a terminal (the caller owns the pty master).
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// Resource limits; `None` means unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    /// CPU bandwidth in CPUs, e.g. 0.5.
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// A private network namespace with only `lo`, brought up.
+    Loopback,
+    /// A private network namespace with nothing configured.
+    None,
+}
+
+/// A user-namespace mapping of container ids `0..size` to host ids `host_uid..`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    pub host_uid: u32,
+    pub host_gid: u32,
+    pub size: u32,
+}

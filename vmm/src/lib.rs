@@ -1,0 +1,1 @@
+//! The Lightervisor microVM monitor: one process per microVM (built in the microVM issues).
