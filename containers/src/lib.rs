@@ -11,6 +11,7 @@
 
 pub mod cgroups;
 pub mod image;
+pub mod mountinfo;
 pub mod namespaces;
 pub mod process;
 pub mod rootfs;

@@ -1,0 +1,174 @@
+//! One cgroup interface with v1 (incl. hybrid) and v2 implementations.
+//! Paths are always relative to each hierarchy's ROOT, never to our own cgroup.
+
+mod util;
+pub mod v1;
+pub mod v2;
+
+use crate::mountinfo::{self, MountInfo};
+use crate::spec::Limits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// v1 controllers plus a cgroup2 mount at /sys/fs/cgroup/unified (this host).
+    V1Hybrid,
+    V1,
+    V2,
+}
+
+impl Layout {
+    pub fn detect() -> Layout {
+        match mountinfo::read_self() {
+            Ok(m) => Self::from_mounts(&m),
+            Err(_) => Layout::V2,
+        }
+    }
+
+    /// The layout that a mount table describes.
+    pub fn from_mounts(mounts: &[MountInfo]) -> Layout {
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        if mounts
+            .iter()
+            .any(|m| m.mount_point == root && m.fs_type == "cgroup2")
+        {
+            return Layout::V2;
+        }
+        let has_v1 = !v1::hierarchies(mounts).is_empty();
+        let has_v2 = mounts.iter().any(|m| m.fs_type == "cgroup2");
+        match (has_v1, has_v2) {
+            (true, true) => Layout::V1Hybrid,
+            (true, false) => Layout::V1,
+            // A cgroup2 mount elsewhere, or nothing at all: v2 is the modern default.
+            (false, _) => Layout::V2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::V1Hybrid => "v1-hybrid",
+            Layout::V1 => "v1",
+            Layout::V2 => "v2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub memory_bytes: u64,
+    pub memory_limit: Option<u64>,
+    pub pids: u64,
+    pub cpu_usage_ns: u64,
+}
+
+pub trait CgroupManager: Send + Sync {
+    fn create(&self) -> std::io::Result<()>;
+    fn add_process(&self, pid: i32) -> std::io::Result<()>;
+    fn apply(&self, limits: &Limits) -> std::io::Result<()>;
+    fn stats(&self) -> std::io::Result<Stats>;
+    fn processes(&self) -> std::io::Result<Vec<i32>>;
+    /// SIGKILL every process in the group and wait until it is empty.
+    fn kill_all(&self) -> std::io::Result<()>;
+    /// Remove the group's directories; a missing group is fine.
+    fn remove(&self) -> std::io::Result<()>;
+    fn exists(&self) -> bool;
+}
+
+/// The manager for `path` (relative to each hierarchy root) on this host's layout.
+/// An invalid path (absolute, `..`, empty) makes every operation fail with `InvalidInput`.
+pub fn manager(path: &str) -> Box<dyn CgroupManager> {
+    let mounts = mountinfo::read_self().unwrap_or_default();
+    match Layout::from_mounts(&mounts) {
+        Layout::V2 => {
+            let root = mounts
+                .iter()
+                .find(|m| m.fs_type == "cgroup2")
+                .map(|m| m.mount_point.clone())
+                .unwrap_or_else(|| "/sys/fs/cgroup".into());
+            Box::new(v2::V2Manager::new(root, path))
+        }
+        Layout::V1 | Layout::V1Hybrid => {
+            Box::new(v1::V1Manager::new(v1::hierarchies(&mounts), path))
+        }
+    }
+}
+
+/// CFS quota for `cpus` CPUs over `period_us`, clamped to the kernel's 1 ms minimum.
+pub fn cpu_quota_us(cpus: f64, period_us: u64) -> Option<u64> {
+    if !cpus.is_finite() || cpus <= 0.0 {
+        return None;
+    }
+    let q = (cpus * period_us as f64).round();
+    Some(if q < 1000.0 {
+        1000
+    } else {
+        q.min(u64::MAX as f64 / 2.0) as u64
+    })
+}
+
+/// Checks that a cgroup path is relative and stays inside the hierarchy.
+pub fn validate_path(path: &str) -> std::io::Result<std::path::PathBuf> {
+    use std::path::Component;
+    let p = std::path::Path::new(path);
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("invalid cgroup path {path:?}: must be relative, non-empty, without '..'"),
+        )
+    };
+    if path.is_empty() || path.contains('\0') {
+        return Err(bad());
+    }
+    let mut out = std::path::PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::CurDir => {}
+            _ => return Err(bad()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_math() {
+        assert_eq!(cpu_quota_us(0.5, 100_000), Some(50_000));
+        assert_eq!(cpu_quota_us(2.0, 100_000), Some(200_000));
+        assert_eq!(cpu_quota_us(0.001, 100_000), Some(1000));
+        assert_eq!(cpu_quota_us(0.0, 100_000), None);
+        assert_eq!(cpu_quota_us(-1.0, 100_000), None);
+        assert_eq!(cpu_quota_us(f64::NAN, 100_000), None);
+        assert_eq!(cpu_quota_us(1.234567, 100_000), Some(123_457));
+    }
+
+    #[test]
+    fn path_validation() {
+        assert!(validate_path("ltv/app").is_ok());
+        assert_eq!(
+            validate_path("./a/b").unwrap(),
+            std::path::PathBuf::from("a/b")
+        );
+        for bad in ["", "/abs", "a/../b", "..", ".", "a\0b"] {
+            assert!(validate_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn layout_detection() {
+        let hybrid = mountinfo::parse(
+            "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+             41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n",
+        );
+        assert_eq!(Layout::from_mounts(&hybrid), Layout::V1Hybrid);
+        assert_eq!(Layout::from_mounts(&hybrid[..1]), Layout::V1);
+        let v2 = mountinfo::parse("30 23 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        assert_eq!(Layout::from_mounts(&v2), Layout::V2);
+        assert_eq!(Layout::from_mounts(&[]), Layout::V2);
+    }
+}

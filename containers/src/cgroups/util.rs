@@ -1,0 +1,104 @@
+//! File helpers shared by the v1 and v2 managers.
+
+use std::io::{Error, ErrorKind, Result, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Writes a control file that must already exist (cgroupfs never lets us create one).
+pub fn write(path: &Path, value: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| ctx(e, "open", path))?;
+    f.write_all(value.as_bytes())
+        .map_err(|e| ctx(e, &format!("write {value:?} to"), path))
+}
+
+pub fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| ctx(e, "read", path))
+}
+
+pub fn read_u64(path: &Path) -> Result<u64> {
+    let s = read(path)?;
+    s.trim().parse().map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!("{}: not a number: {s:?}", path.display()),
+        )
+    })
+}
+
+pub fn ctx(e: Error, what: &str, path: &Path) -> Error {
+    Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+/// Pids listed in a `cgroup.procs` file; a missing file is an empty group.
+pub fn read_procs(path: &Path) -> Result<Vec<i32>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s.lines().filter_map(|l| l.trim().parse().ok()).collect()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(ctx(e, "read", path)),
+    }
+}
+
+/// Removes `dir` and every cgroup below it, deepest first; a missing dir is fine.
+/// `rmdir` may see EBUSY for a moment after the last task exits, so it retries.
+pub fn remove_tree(dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ctx(e, "read dir", dir)),
+    };
+    for e in entries.flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            remove_tree(&e.path())?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(ctx(e, "rmdir", dir)),
+        }
+    }
+}
+
+/// SIGKILLs every listed process (ESRCH ignored).
+pub fn kill_pids(pids: &[i32]) {
+    for &p in pids {
+        if p > 0 {
+            // SAFETY: plain syscall on a pid number.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Polls `procs` until it returns no pid; kills stragglers with `kill` on each round.
+pub fn wait_empty(
+    mut procs: impl FnMut() -> Result<Vec<i32>>,
+    mut kill: impl FnMut(&[i32]),
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(1);
+    loop {
+        let p = procs()?;
+        if p.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                ErrorKind::TimedOut,
+                format!("cgroup still has processes {p:?} after {timeout:?}"),
+            ));
+        }
+        kill(&p);
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(50));
+    }
+}

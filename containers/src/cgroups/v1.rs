@@ -1,0 +1,346 @@
+//! cgroup v1: one directory per mounted hierarchy, all with the same relative path.
+
+use super::util::{self, ctx};
+use super::{CgroupManager, Stats};
+use crate::mountinfo::MountInfo;
+use crate::spec::Limits;
+use std::io::{Error, ErrorKind, Result};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Controllers we create a group in.
+const WANTED: &[&str] = &[
+    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "pids", "blkio",
+];
+
+const CFS_PERIOD_US: u64 = 100_000;
+
+/// Docker's default device allow-list (everything else denied, mknod always allowed).
+const DEVICE_ALLOW: &[&str] = &[
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+    "c 10:200 rwm",
+];
+
+/// A mounted v1 hierarchy and the controllers it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    pub mount_point: PathBuf,
+    pub controllers: Vec<String>,
+}
+
+impl Hierarchy {
+    fn has(&self, c: &str) -> bool {
+        self.controllers.iter().any(|x| x == c)
+    }
+}
+
+/// The v1 hierarchies with at least one wanted controller, one per superblock.
+pub fn hierarchies(mounts: &[MountInfo]) -> Vec<Hierarchy> {
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for m in mounts.iter().filter(|m| m.fs_type == "cgroup") {
+        let controllers: Vec<String> = m
+            .super_options
+            .iter()
+            .filter(|o| WANTED.contains(&o.as_str()))
+            .cloned()
+            .collect();
+        // A bind mount of a sub-group is not the hierarchy root.
+        if controllers.is_empty() || m.root != Path::new("/") || seen.contains(&m.dev) {
+            continue;
+        }
+        seen.push(m.dev.clone());
+        out.push(Hierarchy {
+            mount_point: m.mount_point.clone(),
+            controllers,
+        });
+    }
+    out
+}
+
+pub struct V1Manager {
+    hierarchies: Vec<Hierarchy>,
+    rel: Result<PathBuf>,
+}
+
+impl V1Manager {
+    pub fn new(hierarchies: Vec<Hierarchy>, path: &str) -> Self {
+        V1Manager {
+            hierarchies,
+            rel: super::validate_path(path),
+        }
+    }
+
+    fn rel(&self) -> Result<&Path> {
+        match &self.rel {
+            Ok(p) => Ok(p),
+            Err(e) => Err(Error::new(e.kind(), e.to_string())),
+        }
+    }
+
+    fn dir(&self, h: &Hierarchy) -> Result<PathBuf> {
+        Ok(h.mount_point.join(self.rel()?))
+    }
+
+    fn find(&self, c: &str) -> Option<&Hierarchy> {
+        self.hierarchies.iter().find(|h| h.has(c))
+    }
+
+    fn controller_dir(&self, c: &str) -> Result<PathBuf> {
+        match self.find(c) {
+            Some(h) => self.dir(h),
+            None => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("cgroup v1 controller {c} is not mounted"),
+            )),
+        }
+    }
+
+    /// Creates each level of the path; new cpuset levels inherit cpus/mems from the parent
+    /// (they start empty, and an empty cpuset cannot hold tasks).
+    fn create_in(&self, h: &Hierarchy) -> Result<()> {
+        let mut cur = h.mount_point.clone();
+        for comp in self.rel()?.components() {
+            let parent = cur.clone();
+            cur.push(comp);
+            match std::fs::create_dir(&cur) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(ctx(e, "mkdir", &cur)),
+            }
+            if h.has("cpuset") {
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let mine = util::read(&cur.join(f))?;
+                    if mine.trim().is_empty() {
+                        let theirs = util::read(&parent.join(f))?;
+                        util::write(&cur.join(f), theirs.trim())?;
+                    }
+                }
+            }
+        }
+        if h.has("devices") {
+            let d = self.dir(h)?;
+            util::write(&d.join("devices.deny"), "a")?;
+            for rule in DEVICE_ALLOW {
+                util::write(&d.join("devices.allow"), rule)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn all_procs(&self) -> Result<Vec<i32>> {
+        let mut all = Vec::new();
+        for h in &self.hierarchies {
+            for p in util::read_procs(&self.dir(h)?.join("cgroup.procs"))? {
+                if !all.contains(&p) {
+                    all.push(p);
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    fn freeze(&self, state: &str) -> Result<()> {
+        let Ok(d) = self.controller_dir("freezer") else {
+            return Ok(());
+        };
+        let f = d.join("freezer.state");
+        if !f.exists() {
+            return Ok(());
+        }
+        util::write(&f, state)?;
+        if state == "FROZEN" {
+            // Bounded wait: a stuck FREEZING state must not hang destroy.
+            for _ in 0..200 {
+                if util::read(&f)?.trim() == "FROZEN" {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CgroupManager for V1Manager {
+    fn create(&self) -> Result<()> {
+        self.rel()?;
+        if self.hierarchies.is_empty() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "no cgroup v1 hierarchy is mounted",
+            ));
+        }
+        for h in &self.hierarchies {
+            self.create_in(h)?;
+        }
+        Ok(())
+    }
+
+    fn add_process(&self, pid: i32) -> Result<()> {
+        for h in &self.hierarchies {
+            util::write(&self.dir(h)?.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn apply(&self, limits: &Limits) -> Result<()> {
+        if let Some(h) = self.find("memory") {
+            let d = self.dir(h)?;
+            let v = limits
+                .memory_bytes
+                .map(|b| b.to_string())
+                .unwrap_or("-1".into());
+            util::write(&d.join("memory.limit_in_bytes"), &v)?;
+        } else if limits.memory_bytes.is_some() {
+            self.controller_dir("memory")?;
+        }
+        if let Some(h) = self.find("cpu") {
+            let d = self.dir(h)?;
+            let quota = limits
+                .cpus
+                .and_then(|c| super::cpu_quota_us(c, CFS_PERIOD_US));
+            util::write(&d.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+            let q = quota.map(|q| q.to_string()).unwrap_or("-1".into());
+            util::write(&d.join("cpu.cfs_quota_us"), &q)?;
+        } else if limits.cpus.is_some() {
+            self.controller_dir("cpu")?;
+        }
+        if let Some(h) = self.find("pids") {
+            let d = self.dir(h)?;
+            let v = limits.pids.map(|p| p.to_string()).unwrap_or("max".into());
+            util::write(&d.join("pids.max"), &v)?;
+        } else if limits.pids.is_some() {
+            self.controller_dir("pids")?;
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        let mut s = Stats::default();
+        if let Ok(d) = self.controller_dir("memory") {
+            s.memory_bytes = util::read_u64(&d.join("memory.usage_in_bytes"))?;
+            let lim = util::read_u64(&d.join("memory.limit_in_bytes"))?;
+            // "Unlimited" reads back as PAGE_COUNTER_MAX rounded to pages.
+            s.memory_limit = (lim < (1u64 << 62)).then_some(lim);
+        }
+        if let Ok(d) = self.controller_dir("pids") {
+            s.pids = util::read_u64(&d.join("pids.current"))?;
+        } else {
+            s.pids = self.all_procs()?.len() as u64;
+        }
+        if let Ok(d) = self.controller_dir("cpuacct") {
+            s.cpu_usage_ns = util::read_u64(&d.join("cpuacct.usage"))?;
+        }
+        Ok(s)
+    }
+
+    fn processes(&self) -> Result<Vec<i32>> {
+        self.rel()?;
+        self.all_procs()
+    }
+
+    fn kill_all(&self) -> Result<()> {
+        self.rel()?;
+        if !self.exists() {
+            return Ok(());
+        }
+        // Freeze first so nothing forks between reading the list and killing it.
+        let frozen = self.freeze("FROZEN");
+        util::kill_pids(&self.all_procs()?);
+        if frozen.is_ok() {
+            self.freeze("THAWED")?;
+        }
+        util::wait_empty(
+            || self.all_procs(),
+            util::kill_pids,
+            Duration::from_secs(10),
+        )
+    }
+
+    fn remove(&self) -> Result<()> {
+        for h in &self.hierarchies {
+            util::remove_tree(&self.dir(h)?)?;
+        }
+        Ok(())
+    }
+
+    fn exists(&self) -> bool {
+        self.hierarchies
+            .iter()
+            .any(|h| self.dir(h).map(|d| d.is_dir()).unwrap_or(false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mountinfo;
+
+    #[test]
+    fn hierarchies_from_mountinfo() {
+        let m = mountinfo::parse(
+            "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+             33 31 0:29 / /sys/fs/cgroup/cpu2 rw - cgroup cgroup rw,cpu,cpuacct\n\
+             40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n\
+             35 31 0:32 /sub /mnt/mem rw - cgroup cgroup rw,memory\n\
+             36 31 0:33 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n\
+             41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n",
+        );
+        let h = hierarchies(&m);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].controllers, vec!["cpu", "cpuacct"]);
+        assert_eq!(h[1].mount_point, PathBuf::from("/sys/fs/cgroup/pids"));
+    }
+
+    #[test]
+    fn writes_limits_in_fake_tree() {
+        let t = tempfile::tempdir().unwrap();
+        let mk = |c: &str, files: &[&str]| {
+            let d = t.path().join(c).join("ltv/x");
+            std::fs::create_dir_all(&d).unwrap();
+            for f in files {
+                std::fs::write(d.join(f), "").unwrap();
+            }
+            Hierarchy {
+                mount_point: t.path().join(c),
+                controllers: vec![c.to_string()],
+            }
+        };
+        let hs = vec![
+            mk("memory", &["memory.limit_in_bytes"]),
+            mk("cpu", &["cpu.cfs_period_us", "cpu.cfs_quota_us"]),
+            mk("pids", &["pids.max"]),
+        ];
+        let m = V1Manager::new(hs, "ltv/x");
+        m.apply(&Limits {
+            memory_bytes: Some(64 << 20),
+            cpus: Some(0.5),
+            pids: None,
+        })
+        .unwrap();
+        let rd = |p: &str| std::fs::read_to_string(t.path().join(p)).unwrap();
+        assert_eq!(rd("memory/ltv/x/memory.limit_in_bytes"), "67108864");
+        assert_eq!(rd("cpu/ltv/x/cpu.cfs_quota_us"), "50000");
+        assert_eq!(rd("cpu/ltv/x/cpu.cfs_period_us"), "100000");
+        assert_eq!(rd("pids/ltv/x/pids.max"), "max");
+        assert!(m.exists());
+    }
+
+    #[test]
+    fn bad_path_fails_cleanly() {
+        let m = V1Manager::new(vec![], "../escape");
+        assert_eq!(m.create().unwrap_err().kind(), ErrorKind::InvalidInput);
+        assert!(!m.exists());
+    }
+}
