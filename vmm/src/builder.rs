@@ -1,0 +1,207 @@
+//! Assembles a ready-to-run microVM from a validated config: memory, VM, kernel, boot tables,
+//! devices, vCPUs. Nothing here runs the guest.
+
+use std::fs::OpenOptions;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{cpuid, layout, mptable};
+use crate::boot::{self, BootError};
+use crate::config::ValidatedConfig;
+use crate::control::ControlSocket;
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::legacy::serial::{Console, SerialDevice};
+use crate::flavour::{max_vcpus_for, pvm_compat_cmdline, Flavour};
+use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+use crate::VmmEvent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("no usable KVM: /dev/kvm is missing or cannot be opened")]
+    NoKvm,
+    #[error("{vcpus} vCPUs requested but this host allows {max}: {reason}")]
+    TooManyVcpus {
+        vcpus: u32,
+        max: u32,
+        reason: &'static str,
+    },
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    #[error("{0}")]
+    Boot(#[from] BootError),
+    #[error("MP table: {0}")]
+    Mptable(#[from] mptable::MptableError),
+    #[error("{0}")]
+    Vcpu(#[from] VcpuError),
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("console log {0}: {1}")]
+    Console(String, std::io::Error),
+    #[error("control socket {0}: {1}")]
+    Control(String, std::io::Error),
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+impl BuildError {
+    /// Errors the caller could fix in the config (exit code 2) versus host/internal ones.
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            BuildError::TooManyVcpus { .. }
+                | BuildError::Boot(BootError::NoPvhNote)
+                | BuildError::Boot(BootError::Kernel(_))
+                | BuildError::Boot(BootError::InitrdTooBig(_))
+                | BuildError::Boot(BootError::Cmdline(_))
+        )
+    }
+}
+
+/// Command-line keys we add when the user did not set them: serial console, reboot through
+/// the i8042 (our clean stop path), reboot on panic, no PCI probing.
+const DEFAULT_ARGS: &[&str] = &["console=ttyS0", "reboot=k", "panic=1", "pci=off"];
+
+/// The final command line: the user's, defaults for missing keys, and the PVM compat switches.
+pub fn assemble_cmdline(user: &str, flavour: Flavour) -> String {
+    let mut out: Vec<String> = user.split_whitespace().map(str::to_string).collect();
+    for arg in DEFAULT_ARGS {
+        let key = arg.split('=').next().unwrap_or(arg);
+        let present = out.iter().any(|a| a.split('=').next() == Some(key));
+        if !present {
+            out.push((*arg).to_string());
+        }
+    }
+    if flavour == Flavour::Pvm {
+        out.push(pvm_compat_cmdline());
+    }
+    out.join(" ")
+}
+
+/// Everything the runtime loop needs; vCPUs are configured but not started.
+pub struct MicroVm {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<Vcpu>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub events_tx: Sender<VmmEvent>,
+    pub events_rx: Receiver<VmmEvent>,
+    pub control: Option<ControlSocket>,
+    pub flavour: Flavour,
+    pub cmdline: String,
+    pub pvh: bool,
+    pub memory_mib: u64,
+}
+
+/// Allows more vCPUs than `max_vcpus_for` on PVM, for investigating SMP on this host.
+pub const ALLOW_PVM_SMP_ENV: &str = "LTV_PVM_ALLOW_SMP";
+
+pub fn build_microvm(cfg: &ValidatedConfig, flavour: Flavour) -> Result<MicroVm, BuildError> {
+    let c = &cfg.config;
+    if flavour == Flavour::None {
+        return Err(BuildError::NoKvm);
+    }
+    let limit = max_vcpus_for(flavour);
+    let override_smp = flavour == Flavour::Pvm && std::env::var_os(ALLOW_PVM_SMP_ENV).is_some();
+    if c.vcpus > limit.max && !override_smp {
+        return Err(BuildError::TooManyVcpus {
+            vcpus: c.vcpus,
+            max: limit.max,
+            reason: limit.reason.unwrap_or("host limit"),
+        });
+    }
+
+    let mem_size = c.memory_mib << 20;
+    let mem = create_guest_memory(mem_size, c.hugepages)?;
+    let vm = Vm::new()?;
+    vm.register_memory(&mem)?;
+
+    let kernel = boot::load_kernel(&mem, &c.kernel, cfg.kernel_format, c.boot_protocol)?;
+    let initrd = match &c.initrd {
+        Some(p) => Some(boot::load_initrd(&mem, mem_size, kernel.kernel_end, p)?),
+        None => None,
+    };
+    let cmdline = assemble_cmdline(&c.cmdline, flavour);
+    let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
+    mptable::setup_mptable(&mem, c.vcpus)?;
+    boot::write_boot_params(&mem, mem_size, &kernel, cmdline_len, initrd)?;
+
+    let (events_tx, events_rx) = mpsc::channel();
+    let log = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&c.console_log)
+        .map_err(|e| BuildError::Console(c.console_log.display().to_string(), e))?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&irq, layout::COM1_IRQ)?;
+    let serial = SerialDevice::new(irq, Console::new(log, c.console_stdout, events_tx.clone()));
+    let mut pio = Bus::new();
+    pio.insert(
+        Arc::new(Mutex::new(serial)),
+        u64::from(layout::COM1_PORT),
+        8,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
+        I8042_BASE,
+        I8042_LEN,
+    )?;
+    // Virtio-mmio devices land here in a later issue.
+    let mmio = Bus::new();
+
+    let pvm = flavour == Flavour::Pvm;
+    let mut vcpus = Vec::with_capacity(c.vcpus as usize);
+    for id in 0..c.vcpus {
+        let vcpu = Vcpu::new(&vm, id)?;
+        let cpuid = cpuid::vcpu_cpuid(vm.supported_cpuid(), id, c.vcpus, pvm);
+        vcpu.configure(&mem, &cpuid, kernel.entry, kernel.pvh)?;
+        vcpus.push(vcpu);
+    }
+
+    let control = match &c.control_socket {
+        Some(p) => Some(
+            ControlSocket::start(p, events_tx.clone())
+                .map_err(|e| BuildError::Control(p.display().to_string(), e))?,
+        ),
+        None => None,
+    };
+
+    Ok(MicroVm {
+        vm,
+        mem,
+        vcpus,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        events_tx,
+        events_rx,
+        control,
+        flavour,
+        cmdline,
+        pvh: kernel.pvh,
+        memory_mib: c.memory_mib,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_defaults_and_pvm() {
+        let c = assemble_cmdline("console=hvc0 quiet", Flavour::Hardware);
+        assert_eq!(c, "console=hvc0 quiet reboot=k panic=1 pci=off");
+        let c = assemble_cmdline("reboot=t", Flavour::Pvm);
+        assert!(c.starts_with("reboot=t console=ttyS0 panic=1 pci=off noxsave"));
+        assert!(c.ends_with(&pvm_compat_cmdline()));
+        assert!(!assemble_cmdline("", Flavour::Hardware).contains("noxsave"));
+    }
+}

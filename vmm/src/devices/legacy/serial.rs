@@ -1,0 +1,144 @@
+//! COM1: a vm-superio 16550 whose output goes to the console log (and optionally stdout),
+//! with its interrupt raised through an irqfd. The console also watches for the kernel's
+//! halt/power-off and panic lines, since without ACPI a guest `poweroff` only halts the CPU.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::mpsc::Sender;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::BusDevice;
+use crate::VmmEvent;
+
+/// Raises the UART interrupt by signalling an eventfd wired to the IRQ via KVM_IRQFD.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Kernel lines that mean the guest is done, and whether that is a clean stop.
+const MARKERS: &[(&str, bool)] = &[
+    ("reboot: Power down", true),
+    ("reboot: System halted", true),
+    ("Kernel panic - not syncing", false),
+];
+
+/// Console sink: log file, optional stdout, and a line watcher.
+pub struct Console {
+    log: File,
+    stdout: bool,
+    line: Vec<u8>,
+    events: Sender<VmmEvent>,
+}
+
+impl Console {
+    pub fn new(log: File, stdout: bool, events: Sender<VmmEvent>) -> Self {
+        Console {
+            log,
+            stdout,
+            line: Vec::with_capacity(256),
+            events,
+        }
+    }
+
+    fn watch(&mut self, byte: u8) {
+        if byte != b'\n' {
+            if self.line.len() < 1024 {
+                self.line.push(byte);
+            }
+            return;
+        }
+        let line = String::from_utf8_lossy(&self.line);
+        for (marker, clean) in MARKERS {
+            if line.contains(marker) {
+                let ev = if *clean {
+                    VmmEvent::GuestHalted
+                } else {
+                    VmmEvent::GuestPanic(line.trim().to_string())
+                };
+                let _ = self.events.send(ev);
+            }
+        }
+        self.line.clear();
+    }
+}
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.log.write_all(buf)?;
+        if self.stdout {
+            let _ = std::io::stdout().write_all(buf);
+        }
+        for b in buf {
+            self.watch(*b);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // File writes are unbuffered; stdout is flushed so `console_stdout` is live.
+        if self.stdout {
+            let _ = std::io::stdout().flush();
+        }
+        Ok(())
+    }
+}
+
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, NoEvents, Console>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFd, console: Console) -> Self {
+        SerialDevice {
+            serial: Serial::new(EventFdTrigger(irq), console),
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(b) = data.first_mut() {
+            *b = self.serial.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(b) = data.first() {
+            // An output error (full disk) must not kill the guest; drop the byte.
+            let _ = self.serial.write(offset as u8, *b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn writes_log_and_detects_markers() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        let console = Console::new(tmp.reopen().unwrap(), false, tx);
+        let mut dev = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), console);
+        for b in b"hello\n[    1.0] reboot: Power down\n" {
+            dev.write(0, &[*b]);
+        }
+        let mut s = String::new();
+        tmp.read_to_string(&mut s).unwrap();
+        assert!(s.starts_with("hello\n"));
+        assert!(matches!(rx.try_recv(), Ok(VmmEvent::GuestHalted)));
+        // LSR (offset 5) reports the transmitter empty so the guest keeps writing.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+}

@@ -1,0 +1,4 @@
+//! Emulated devices and the buses they sit on. Virtio-mmio devices get their own folders later.
+
+pub mod bus;
+pub mod legacy;

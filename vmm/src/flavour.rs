@@ -1,0 +1,102 @@
+//! Which KVM this host has, and what each flavour needs from us.
+
+use std::path::Path;
+
+/// The kind of KVM behind /dev/kvm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    /// kvm-intel / kvm-amd: hardware virtualization.
+    Hardware,
+    /// kvm-pvm: guest CPL0 is emulated; the guest needs the compat command line.
+    Pvm,
+    /// /dev/kvm missing or not openable.
+    None,
+}
+
+/// Detects the KVM flavour of this host.
+pub fn kvm_flavour() -> Flavour {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Flavour::None;
+    }
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    if Path::new("/sys/module/kvm_pvm").exists() || modules_has_pvm(&modules) {
+        Flavour::Pvm
+    } else {
+        Flavour::Hardware
+    }
+}
+
+fn modules_has_pvm(proc_modules: &str) -> bool {
+    proc_modules
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("kvm_pvm"))
+}
+
+/// Command line a PVM guest needs: keeps the kernel off instructions the
+/// PVM emulator lacks (xsave, popcnt, cmpxchg16b, smap/clac, pku) and off KVM PV hypercalls.
+pub const PVM_COMPAT_CMDLINE: &str = "noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv";
+
+/// Switch that turns on the guest-kernel patches for PVM (skip the int3
+/// self-test and fwait, run syscalls from the LSTAR page fault); named in guest-kernel/README.md.
+pub const PVM_GUEST_PATCH_SWITCH: &str = "ltv_pvm_compat";
+
+/// Everything the builder appends to the command line on a PVM host.
+pub fn pvm_compat_cmdline() -> String {
+    format!("{PVM_COMPAT_CMDLINE} {PVM_GUEST_PATCH_SWITCH}")
+}
+
+/// vCPU limit for a flavour, with the reason when it is lower than the config allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuLimit {
+    pub max: u32,
+    pub reason: Option<&'static str>,
+}
+
+/// How many vCPUs a guest may have on this flavour.
+pub fn max_vcpus_for(flavour: Flavour) -> VcpuLimit {
+    match flavour {
+        Flavour::Pvm => VcpuLimit {
+            max: 1,
+            reason: Some(PVM_SMP_REASON),
+        },
+        Flavour::Hardware => VcpuLimit {
+            max: crate::config::MAX_VCPUS,
+            reason: None,
+        },
+        Flavour::None => VcpuLimit {
+            max: 0,
+            reason: Some("/dev/kvm is missing or cannot be opened"),
+        },
+    }
+}
+
+/// Why PVM guests are held to one vCPU (see the vmm README / report).
+pub const PVM_SMP_REASON: &str = "kvm-pvm (native-emulation mode) hangs multi-vCPU guests during \
+     early boot; this host runs microVMs with 1 vCPU";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_modules_parsing() {
+        assert!(modules_has_pvm(
+            "kvm_pvm 123 0 - Live 0x0\nkvm 1 1 kvm_pvm, Live 0x0\n"
+        ));
+        assert!(!modules_has_pvm(
+            "kvm_intel 1 0 - Live 0x0\nkvm 1 1 kvm_intel, Live 0x0\n"
+        ));
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(max_vcpus_for(Flavour::Hardware).max, 32);
+        assert!(max_vcpus_for(Flavour::Hardware).reason.is_none());
+        assert!(pvm_compat_cmdline().starts_with(PVM_COMPAT_CMDLINE));
+    }
+}
