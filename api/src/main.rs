@@ -1,1 +1,44 @@
-fn main() { ltv_containers::process::init_main() }
+use clap::Parser;
+use ltv::cli::{Cli, Command};
+
+fn main() {
+    // Re-executed as a container's init helper: no runtime, no argument parsing.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == ltv_containers::process::INIT_ARG)
+    {
+        ltv_containers::process::init_main();
+    }
+    let cli = Cli::parse();
+    let daemonish = matches!(cli.command, Command::Daemon { .. } | Command::Demo);
+    init_tracing(daemonish);
+    let runtime = if daemonish {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        // One thread starts faster, and a client needs no more.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let code = match runtime {
+        Ok(rt) => rt.block_on(ltv::cli::run(cli)),
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            1
+        }
+    };
+    // Exit without waiting for a blocked stdin reader.
+    std::process::exit(code);
+}
+
+fn init_tracing(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LTV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,396 @@
+//! Application containers (Docker-style): one process tree from an image, on an
+//! overlay rootfs, in its own namespaces and cgroup.
+
+use super::{Backend, Started};
+use crate::daemon::error::ApiError;
+use crate::types::{parse_size, ExecPost, Image, Instance, Kind, Usage};
+use async_trait::async_trait;
+use ltv_containers::cgroups;
+use ltv_containers::process::{self, Stdio};
+use ltv_containers::spec::{ContainerSpec, Limits, NetworkMode, ProcessSpec, RootfsSpec};
+use std::path::{Path, PathBuf};
+
+pub struct ContainerBackend {
+    /// `<state>/instances`
+    instances_dir: PathBuf,
+    /// `<state>/images`, the image store root.
+    images_dir: PathBuf,
+    /// Our top-level cgroup, relative to each hierarchy root.
+    cgroup_root: String,
+}
+
+impl ContainerBackend {
+    pub fn new(instances_dir: PathBuf, images_dir: PathBuf, cgroup_root: String) -> Self {
+        ContainerBackend {
+            instances_dir,
+            images_dir,
+            cgroup_root,
+        }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.instances_dir.join(name)
+    }
+
+    fn cgroup(&self, name: &str) -> String {
+        format!("{}/{}", self.cgroup_root, name)
+    }
+
+    /// Names, paths and cgroup of an instance; enough for `destroy`.
+    fn skeleton(&self, name: &str) -> ContainerSpec {
+        let dir = self.dir(name);
+        ContainerSpec {
+            name: name.to_string(),
+            hostname: name.to_string(),
+            rootfs: RootfsSpec {
+                lowerdirs: vec![],
+                upperdir: dir.join("upper"),
+                workdir: dir.join("work"),
+                mountpoint: dir.join("rootfs"),
+            },
+            process: ProcessSpec {
+                args: vec![],
+                env: vec![],
+                cwd: "/".into(),
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![],
+                tty: false,
+            },
+            limits: Limits::default(),
+            cgroup: self.cgroup(name),
+            network: NetworkMode::Loopback,
+            idmap: None,
+        }
+    }
+
+    fn spec(
+        &self,
+        instance: &Instance,
+        image: &Image,
+        process: ProcessSpec,
+    ) -> Result<ContainerSpec, ApiError> {
+        let mut spec = self.skeleton(&instance.name);
+        spec.rootfs.lowerdirs = vec![self.images_dir.join(&image.fingerprint).join("rootfs")];
+        spec.process = process;
+        spec.limits = limits_of(instance)?;
+        Ok(spec)
+    }
+
+    fn main_process(
+        &self,
+        instance: &Instance,
+        image: &Image,
+        tty: bool,
+    ) -> Result<ProcessSpec, ApiError> {
+        let cmd = if instance.config.command.is_empty() {
+            &image.cmd
+        } else {
+            &instance.config.command
+        };
+        let args: Vec<String> = image.entrypoint.iter().chain(cmd.iter()).cloned().collect();
+        if args.is_empty() {
+            return Err(ApiError::bad_request(
+                "no command: the image has none and none was given",
+            ));
+        }
+        self.process(instance, image, args, &[], None, tty)
+    }
+
+    fn process(
+        &self,
+        instance: &Instance,
+        image: &Image,
+        args: Vec<String>,
+        extra_env: &[String],
+        cwd: Option<&str>,
+        tty: bool,
+    ) -> Result<ProcessSpec, ApiError> {
+        let rootfs = self.images_dir.join(&image.fingerprint).join("rootfs");
+        let (uid, gid) = resolve_user(&rootfs, &image.user)?;
+        let mut env = merge_env(&image.env, &instance.config.env);
+        env = merge_env(&env, extra_env);
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        env = merge_env(
+            &[format!("HOSTNAME={}", instance.name), "HOME=/root".into()],
+            &env,
+        );
+        if tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+            env.push("TERM=xterm".into());
+        }
+        let cwd = cwd
+            .map(str::to_string)
+            .or_else(|| instance.config.workdir.clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| {
+                if image.working_dir.is_empty() {
+                    "/".into()
+                } else {
+                    image.working_dir.clone()
+                }
+            });
+        if !cwd.starts_with('/') {
+            return Err(ApiError::bad_request(format!(
+                "working directory {cwd:?} must be absolute"
+            )));
+        }
+        Ok(ProcessSpec {
+            args,
+            env,
+            cwd,
+            uid,
+            gid,
+            additional_gids: vec![],
+            tty,
+        })
+    }
+}
+
+/// The instance's limits, validated (the API validates at create; this re-checks stored config).
+pub fn limits_of(instance: &Instance) -> Result<Limits, ApiError> {
+    let c = &instance.config;
+    let memory_bytes = match &c.memory {
+        None => None,
+        Some(text) => {
+            let bytes = parse_size(text).map_err(ApiError::bad_request)?;
+            if bytes < 4 << 20 {
+                return Err(ApiError::bad_request(format!(
+                    "memory limit {text} is below the minimum of 4MiB"
+                )));
+            }
+            Some(bytes)
+        }
+    };
+    if let Some(cpus) = c.cpus {
+        let host = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        if !(cpus > 0.0 && cpus <= host) {
+            return Err(ApiError::bad_request(format!(
+                "cpus {cpus} is out of range: use more than 0 and at most {host}"
+            )));
+        }
+    }
+    if c.pids == Some(0) {
+        return Err(ApiError::bad_request("pids must be at least 1"));
+    }
+    Ok(Limits {
+        memory_bytes,
+        cpus: c.cpus,
+        pids: c.pids,
+    })
+}
+
+/// `base` with `overrides` applied by key.
+fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
+    let key = |e: &str| e.split('=').next().unwrap_or("").to_string();
+    let mut out: Vec<String> = base.to_vec();
+    for o in overrides {
+        let k = key(o);
+        match out.iter_mut().find(|e| key(e) == k) {
+            Some(slot) => *slot = o.clone(),
+            None => out.push(o.clone()),
+        }
+    }
+    out
+}
+
+/// OCI `User`: `uid`, `uid:gid`, `name` or `name:group`, names looked up in the image.
+fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), ApiError> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
+        let text = std::fs::read_to_string(rootfs.join("etc").join(file)).ok()?;
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == name)
+                .then(|| (f[2].parse().ok(), f[3].parse().ok()))
+                .and_then(|(a, b)| Some((a?, b.unwrap_or(0))))
+        })
+    };
+    let (uid, default_gid) = match u.parse::<u32>() {
+        Ok(uid) => (uid, lookup_gid_of_uid(rootfs, uid).unwrap_or(uid)),
+        Err(_) => lookup("passwd", u).ok_or_else(|| {
+            ApiError::bad_request(format!("user {u:?} is not in the image's /etc/passwd"))
+        })?,
+    };
+    let gid = match g {
+        None => default_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup("group", g).map(|(gid, _)| gid).ok_or_else(|| {
+                ApiError::bad_request(format!("group {g:?} is not in the image's /etc/group"))
+            })?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+fn lookup_gid_of_uid(rootfs: &Path, uid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 3 && f[2].parse() == Ok(uid))
+            .then(|| f[3].parse().ok())
+            .flatten()
+    })
+}
+
+fn runtime_error(e: process::Error) -> ApiError {
+    match e {
+        process::Error::CommandNotFound(msg) => ApiError::command_not_found(msg),
+        process::Error::InvalidSpec(msg) => ApiError::bad_request(msg),
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("runtime task failed: {e}")))
+}
+
+#[async_trait]
+impl Backend for ContainerBackend {
+    fn validate(&self, instance: &Instance, image: &Image) -> Result<(), ApiError> {
+        debug_assert_eq!(instance.kind, Kind::App);
+        limits_of(instance)?;
+        self.main_process(instance, image, false).map(|_| ())
+    }
+
+    async fn create(&self, instance: &Instance, _image: &Image) -> Result<(), ApiError> {
+        let dir = self.dir(&instance.name);
+        for sub in ["upper", "work", "rootfs"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| {
+                ApiError::internal(format!("create {}: {e}", dir.join(sub).display()))
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn start(
+        &self,
+        instance: &Instance,
+        image: &Image,
+        stdio: Stdio,
+    ) -> Result<Started, ApiError> {
+        let process = self.main_process(instance, image, false)?;
+        let spec = self.spec(instance, image, process)?;
+        let started = blocking(move || process::start(&spec, stdio))
+            .await?
+            .map_err(runtime_error)?;
+        Ok(Started {
+            pid: started.pid,
+            start_time: started.start_time,
+        })
+    }
+
+    async fn signal_stop(&self, instance: &Instance, pid: i32, kill: bool) -> Result<(), ApiError> {
+        if kill {
+            let cg = cgroups::manager(&self.cgroup(&instance.name));
+            blocking(move || cg.kill_all())
+                .await?
+                .map_err(|e| ApiError::internal(format!("kill: {e}")))
+        } else {
+            // PID 1 of a pid namespace only gets signals it handles; the timeout covers the rest.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            Ok(())
+        }
+    }
+
+    async fn cleanup(&self, instance: &Instance) -> Result<(), ApiError> {
+        let spec = self.skeleton(&instance.name);
+        blocking(move || process::destroy(&spec))
+            .await?
+            .map_err(runtime_error)
+    }
+
+    async fn delete(&self, instance: &Instance) -> Result<(), ApiError> {
+        self.cleanup(instance).await?;
+        let dir = self.dir(&instance.name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ApiError::internal(format!("remove {}: {e}", dir.display()))),
+        }
+    }
+
+    async fn exec(
+        &self,
+        instance: &Instance,
+        image: &Image,
+        pid: i32,
+        req: &ExecPost,
+        stdio: Stdio,
+    ) -> Result<Started, ApiError> {
+        let process = self.process(
+            instance,
+            image,
+            req.command.clone(),
+            &req.env,
+            req.cwd.as_deref(),
+            req.tty,
+        )?;
+        let spec = self.spec(instance, image, process.clone())?;
+        let started = blocking(move || process::exec(&spec, pid, &process, stdio))
+            .await?
+            .map_err(runtime_error)?;
+        Ok(Started {
+            pid: started.pid,
+            start_time: started.start_time,
+        })
+    }
+
+    async fn usage(&self, instance: &Instance) -> Option<Usage> {
+        let cg = cgroups::manager(&self.cgroup(&instance.name));
+        let stats = blocking(move || cg.stats()).await.ok()?.ok()?;
+        Some(Usage {
+            memory_bytes: stats.memory_bytes,
+            memory_limit_bytes: stats.memory_limit,
+            pids: stats.pids,
+            cpu_time_ns: stats.cpu_usage_ns,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_by_key() {
+        let base = vec!["PATH=/bin".to_string(), "A=1".to_string()];
+        let merged = merge_env(&base, &["A=2".to_string(), "B=3".to_string()]);
+        assert_eq!(merged, vec!["PATH=/bin", "A=2", "B=3"]);
+    }
+
+    #[test]
+    fn users_resolve_through_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nweb:x:33:34::/:/bin/false\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        assert_eq!(resolve_user(dir.path(), "").unwrap(), (0, 0));
+        assert_eq!(resolve_user(dir.path(), "web").unwrap(), (33, 34));
+        assert_eq!(resolve_user(dir.path(), "33").unwrap(), (33, 34));
+        assert_eq!(resolve_user(dir.path(), "1000:1000").unwrap(), (1000, 1000));
+        assert_eq!(resolve_user(dir.path(), "web:staff").unwrap(), (33, 50));
+        assert!(resolve_user(dir.path(), "nobody").is_err());
+    }
+}

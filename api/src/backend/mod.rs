@@ -1,0 +1,48 @@
+//! One `Backend` per instance kind. Handlers and the instance service only talk to this
+//! trait; the container and VM runtimes sit behind it.
+
+pub mod container;
+
+use crate::daemon::error::ApiError;
+use crate::types::{ExecPost, Image, Instance, Usage};
+use async_trait::async_trait;
+use ltv_containers::process::Stdio;
+
+/// A process the daemon started and must wait for (its child).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Checks the request against what this backend supports, before anything is created.
+    fn validate(&self, instance: &Instance, image: &Image) -> Result<(), ApiError>;
+    /// Creates the instance's storage.
+    async fn create(&self, instance: &Instance, image: &Image) -> Result<(), ApiError>;
+    /// Starts the instance's main process with the given stdio.
+    async fn start(
+        &self,
+        instance: &Instance,
+        image: &Image,
+        stdio: Stdio,
+    ) -> Result<Started, ApiError>;
+    /// Asks the main process to stop (SIGTERM, poweroff); `kill` ends it at once.
+    async fn signal_stop(&self, instance: &Instance, pid: i32, kill: bool) -> Result<(), ApiError>;
+    /// Frees what a run held (mounts, cgroups) once the main process has ended. Idempotent.
+    async fn cleanup(&self, instance: &Instance) -> Result<(), ApiError>;
+    /// Removes the instance's storage. Idempotent.
+    async fn delete(&self, instance: &Instance) -> Result<(), ApiError>;
+    /// Runs another process inside the running instance.
+    async fn exec(
+        &self,
+        instance: &Instance,
+        image: &Image,
+        pid: i32,
+        req: &ExecPost,
+        stdio: Stdio,
+    ) -> Result<Started, ApiError>;
+    /// Current resource usage of a running instance.
+    async fn usage(&self, instance: &Instance) -> Option<Usage>;
+}

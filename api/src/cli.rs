@@ -1,0 +1,674 @@
+//! The `ltv` command line: Docker- and Incus-shaped verbs over the REST API.
+
+use crate::client::{Client, ClientError, Upgraded};
+use crate::daemon::{DaemonConfig, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use crate::stream::{read_frame, write_frame, Frame};
+use crate::types::*;
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use tokio::io::AsyncReadExt;
+
+/// Exit code when ltv itself fails around a run or exec (Docker's convention).
+pub const EXIT_LTV_ERROR: i32 = 125;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ltv",
+    version,
+    about = "Lightervisor: system containers, application containers and microVMs behind one API"
+)]
+pub struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "LTV_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon (REST API on a Unix socket).
+    Daemon {
+        #[arg(long, env = "LTV_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Top-level cgroup for this daemon's instances.
+        #[arg(long, env = "LTV_CGROUP_ROOT", default_value = "ltv")]
+        cgroup_root: String,
+    },
+    /// Create and start an application container in the foreground.
+    Run(RunArgs),
+    /// Create and start an instance in the background.
+    Launch(LaunchArgs),
+    /// Run a command inside a running instance.
+    Exec(ExecArgs),
+    /// List instances.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+    /// Show an instance, with live usage while it runs.
+    Info {
+        name: String,
+    },
+    Start {
+        name: String,
+    },
+    Stop(StopArgs),
+    Restart(StopArgs),
+    /// Delete an instance.
+    #[command(alias = "rm")]
+    Delete {
+        name: String,
+        /// Stop it first if it runs.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Show an instance's console output.
+    Logs {
+        name: String,
+    },
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Start a throw-away daemon and show what works.
+    Demo,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct Limits {
+    /// Memory limit, e.g. 64MiB.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// CPU bandwidth in CPUs, e.g. 0.5.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// Environment variable KEY=VALUE.
+    #[arg(short = 'e', long = "env")]
+    pub env: Vec<String>,
+    /// Working directory inside the instance.
+    #[arg(short = 'w', long = "workdir")]
+    pub workdir: Option<String>,
+}
+
+impl Limits {
+    fn config(&self, command: Vec<String>) -> InstanceConfig {
+        InstanceConfig {
+            memory: self.memory.clone(),
+            cpus: self.cpus,
+            pids: self.pids,
+            env: self.env.clone(),
+            command,
+            workdir: self.workdir.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Remove the container when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Keep stdin open and forward it.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Allocate a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub limits: Limits,
+    pub image: String,
+    /// Command and arguments (after `--`); default: the image's.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LaunchArgs {
+    pub image: String,
+    pub name: String,
+    #[arg(long, default_value = "system")]
+    pub kind: String,
+    #[command(flatten)]
+    pub limits: Limits,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[arg(short, long)]
+    pub interactive: bool,
+    #[arg(short, long)]
+    pub tty: bool,
+    #[arg(short = 'e', long = "env")]
+    pub env: Vec<String>,
+    #[arg(short = 'w', long = "workdir")]
+    pub workdir: Option<String>,
+    pub name: String,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    pub name: String,
+    /// Kill at once.
+    #[arg(short, long)]
+    pub force: bool,
+    /// Seconds to wait for a clean stop before killing.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Build an image from Debian packages: `busybox` (seconds, offline) or `debian` (debootstrap).
+    Build {
+        builder: String,
+        #[arg(long)]
+        alias: Option<String>,
+        #[arg(long)]
+        suite: Option<String>,
+        /// Extra packages, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+        /// Debian mirror URL; default: the host's apt configuration.
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+    /// Import an OCI image layout (directory or tar) or a docker-archive tar.
+    Import {
+        path: PathBuf,
+        #[arg(long)]
+        alias: String,
+    },
+    #[command(alias = "ls")]
+    List,
+    #[command(alias = "rm")]
+    Delete { alias: String },
+}
+
+fn fail(e: ClientError) -> i32 {
+    eprintln!("Error: {e}");
+    1
+}
+
+/// Runs a client command and returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    let client = Client::new(&cli.socket);
+    match cli.command {
+        Command::Daemon {
+            state_dir,
+            cgroup_root,
+        } => {
+            let config = DaemonConfig {
+                state_dir,
+                socket: cli.socket,
+                cgroup_root,
+            };
+            match crate::daemon::serve(config, shutdown_signal()).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("Error: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Run(args) => run_foreground(&client, args).await,
+        Command::Launch(args) => launch(&client, args).await.map_or_else(fail, |_| 0),
+        Command::Exec(args) => {
+            let body = ExecPost {
+                command: args.command,
+                env: args.env,
+                cwd: args.workdir,
+                tty: args.tty,
+                stdin: args.interactive,
+            };
+            match client
+                .upgrade(&format!("/1.0/instances/{}/exec", args.name), &body)
+                .await
+            {
+                Ok(up) => stream_stdio(up, args.interactive, args.tty).await,
+                Err(e) => {
+                    eprintln!("Error: {e}");
+                    EXIT_LTV_ERROR
+                }
+            }
+        }
+        Command::List { format } => list(&client, &format).await.map_or_else(fail, |_| 0),
+        Command::Info { name } => match client
+            .get::<Instance>(&format!("/1.0/instances/{name}"))
+            .await
+        {
+            Ok(i) => {
+                print_info(&i);
+                0
+            }
+            Err(e) => fail(e),
+        },
+        Command::Start { name } => state(&client, &name, StateAction::Start, false, None).await,
+        Command::Stop(a) => {
+            state(
+                &client,
+                &a.name,
+                StateAction::Stop,
+                a.force,
+                Some(a.timeout),
+            )
+            .await
+        }
+        Command::Restart(a) => {
+            state(
+                &client,
+                &a.name,
+                StateAction::Restart,
+                a.force,
+                Some(a.timeout),
+            )
+            .await
+        }
+        Command::Delete { name, force } => {
+            let path = format!("/1.0/instances/{name}?force={force}");
+            client
+                .call_raw(Method::DELETE, &path, None::<&()>)
+                .await
+                .map_or_else(fail, |_| 0)
+        }
+        Command::Logs { name } => match client
+            .call_raw(
+                Method::GET,
+                &format!("/1.0/instances/{name}/logs"),
+                None::<&()>,
+            )
+            .await
+        {
+            Ok(text) => {
+                let _ = std::io::stdout().write_all(&text);
+                0
+            }
+            Err(e) => fail(e),
+        },
+        Command::Image(cmd) => image(&client, cmd).await.map_or_else(fail, |_| 0),
+        Command::Demo => crate::demo::run().await,
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn run_foreground(client: &Client, args: RunArgs) -> i32 {
+    let body = InstancesPost {
+        name: args.name,
+        kind: Kind::App,
+        image: args.image,
+        parent: None,
+        config: args.limits.config(args.command),
+        start: true,
+        attach: Some(AttachOptions {
+            stdin: args.interactive,
+            tty: args.tty,
+        }),
+        auto_remove: args.rm,
+    };
+    match client.upgrade("/1.0/instances", &body).await {
+        Ok(up) => stream_stdio(up, args.interactive, args.tty).await,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            EXIT_LTV_ERROR
+        }
+    }
+}
+
+async fn launch(client: &Client, args: LaunchArgs) -> Result<(), ClientError> {
+    let kind: Kind = args.kind.parse().map_err(|message| ClientError {
+        status: None,
+        message,
+    })?;
+    let body = InstancesPost {
+        name: Some(args.name),
+        kind,
+        image: args.image,
+        parent: None,
+        config: args.limits.config(args.command),
+        start: true,
+        attach: None,
+        auto_remove: false,
+    };
+    let instance: Instance = client
+        .call(Method::POST, "/1.0/instances", Some(&body))
+        .await?;
+    println!(
+        "Launched {} ({}, pid {})",
+        instance.name,
+        instance.kind.as_str(),
+        instance.pid.unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn state(
+    client: &Client,
+    name: &str,
+    action: StateAction,
+    force: bool,
+    timeout: Option<u64>,
+) -> i32 {
+    let body = StatePut {
+        action,
+        force,
+        timeout,
+    };
+    client
+        .call::<Instance>(
+            Method::PUT,
+            &format!("/1.0/instances/{name}/state"),
+            Some(&body),
+        )
+        .await
+        .map_or_else(fail, |_| 0)
+}
+
+async fn list(client: &Client, format: &str) -> Result<(), ClientError> {
+    let instances: Vec<Instance> = client.get("/1.0/instances").await?;
+    if format == "json" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&instances).expect("json")
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<7} {:<8} {:<12} {:>8}  CREATED",
+        "NAME", "KIND", "STATUS", "IMAGE", "PID"
+    );
+    for i in instances {
+        let pid = i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<24} {:<7} {:<8} {:<12} {:>8}  {}",
+            i.name,
+            i.kind.as_str(),
+            i.status.as_str(),
+            i.image,
+            pid,
+            i.created_at
+        );
+    }
+    Ok(())
+}
+
+fn print_info(i: &Instance) {
+    println!("Name:       {}", i.name);
+    println!("Kind:       {}", i.kind.as_str());
+    println!("Status:     {}", i.status.as_str());
+    println!(
+        "Image:      {} ({})",
+        i.image,
+        &i.image_fingerprint[..i.image_fingerprint.len().min(12)]
+    );
+    println!("Created:    {}", i.created_at);
+    if let Some(pid) = i.pid {
+        println!("PID:        {pid}");
+    }
+    if let Some(code) = i.exit_code {
+        println!("Exit code:  {code}");
+    }
+    let c = &i.config;
+    println!(
+        "Limits:     memory={} cpus={} pids={}",
+        c.memory.as_deref().unwrap_or("-"),
+        c.cpus.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+        c.pids.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+    );
+    if !c.command.is_empty() {
+        println!("Command:    {}", c.command.join(" "));
+    }
+    if let Some(u) = &i.usage {
+        println!(
+            "Memory:     {}{}",
+            format_size(u.memory_bytes),
+            u.memory_limit_bytes
+                .map(|l| format!(" of {}", format_size(l)))
+                .unwrap_or_default()
+        );
+        println!("Processes:  {}", u.pids);
+        println!("CPU time:   {:.3}s", u.cpu_time_ns as f64 / 1e9);
+    }
+}
+
+async fn image(client: &Client, cmd: ImageCommand) -> Result<(), ClientError> {
+    let body = match cmd {
+        ImageCommand::List => {
+            let images: Vec<Image> = client.get("/1.0/images").await?;
+            println!(
+                "{:<16} {:<14} {:>10}  SOURCE",
+                "ALIAS", "FINGERPRINT", "SIZE"
+            );
+            for i in images {
+                println!(
+                    "{:<16} {:<14} {:>10}  {}",
+                    i.alias,
+                    &i.fingerprint[..12.min(i.fingerprint.len())],
+                    format_size(i.size_bytes),
+                    i.source
+                );
+            }
+            return Ok(());
+        }
+        ImageCommand::Delete { alias } => {
+            client
+                .call_raw(Method::DELETE, &format!("/1.0/images/{alias}"), None::<&()>)
+                .await?;
+            return Ok(());
+        }
+        ImageCommand::Build {
+            builder,
+            alias,
+            suite,
+            include,
+            mirror,
+        } => ImagesPost {
+            alias,
+            source: ImageSource::Build {
+                builder,
+                suite,
+                include,
+                mirror,
+            },
+        },
+        ImageCommand::Import { path, alias } => {
+            let path = std::fs::canonicalize(&path).map_err(|e| ClientError {
+                status: None,
+                message: format!("{}: {e}", path.display()),
+            })?;
+            ImagesPost {
+                alias: Some(alias),
+                source: ImageSource::Import {
+                    path: path.to_string_lossy().into_owned(),
+                },
+            }
+        }
+    };
+    let image = add_image_with_progress(client, &body).await?;
+    println!(
+        "Image {} ready: {} ({})",
+        image.alias,
+        &image.fingerprint[..12.min(image.fingerprint.len())],
+        format_size(image.size_bytes)
+    );
+    Ok(())
+}
+
+/// POST /1.0/images, showing the daemon's progress events on a progress bar.
+pub async fn add_image_with_progress(
+    client: &Client,
+    body: &ImagesPost,
+) -> Result<Image, ClientError> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_msg} {pos}/{len}",
+        )
+        .expect("template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let result = client
+        .progress::<Image>("/1.0/images", body, |event| match event {
+            ProgressEvent::Stage { message } => bar.set_message(message.clone()),
+            ProgressEvent::Advance { done, total } => {
+                if let Some(t) = total {
+                    bar.set_length(*t);
+                }
+                bar.set_position(*done);
+            }
+            _ => {}
+        })
+        .await;
+    bar.finish_and_clear();
+    result
+}
+
+/// Restores the terminal mode when dropped.
+struct RawMode(Option<nix::sys::termios::Termios>);
+
+impl RawMode {
+    fn enable(tty: bool) -> RawMode {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !tty || !stdin.is_terminal() {
+            return RawMode(None);
+        }
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return RawMode(None);
+        };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        RawMode(Some(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ fills a winsize struct we own.
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
+/// Client side of `ltv-stdio`: forwards stdin, signals and resizes, prints output,
+/// and returns the remote exit code.
+pub async fn stream_stdio(up: Upgraded, stdin: bool, tty: bool) -> i32 {
+    let (mut rd, wr) = tokio::io::split(up);
+    let wr = std::sync::Arc::new(tokio::sync::Mutex::new(wr));
+    let _raw = RawMode::enable(tty);
+    let mut tasks = Vec::new();
+    if tty {
+        if let Some((cols, rows)) = terminal_size() {
+            let _ = write_frame(&mut *wr.lock().await, &Frame::Resize { cols, rows }).await;
+        }
+        let w = wr.clone();
+        tasks.push(tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut winch) = signal(SignalKind::window_change()) else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                if let Some((cols, rows)) = terminal_size() {
+                    let _ = write_frame(&mut *w.lock().await, &Frame::Resize { cols, rows }).await;
+                }
+            }
+        }));
+    } else {
+        // Without a terminal, Ctrl-C and TERM go to the remote process (Docker's sig-proxy).
+        let w = wr.clone();
+        tasks.push(tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            loop {
+                let sig = tokio::select! {
+                    _ = int.recv() => libc::SIGINT,
+                    _ = term.recv() => libc::SIGTERM,
+                };
+                let _ = write_frame(&mut *w.lock().await, &Frame::Signal(sig)).await;
+            }
+        }));
+    }
+    if stdin {
+        let w = wr.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut input = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = write_frame(&mut *w.lock().await, &Frame::StdinEof).await;
+                        return;
+                    }
+                    Ok(n) => {
+                        let frame = Frame::Stdin(bytes::Bytes::copy_from_slice(&buf[..n]));
+                        if write_frame(&mut *w.lock().await, &frame).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let code = loop {
+        match read_frame(&mut rd).await {
+            Ok(Some(Frame::Stdout(b))) => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&b);
+                let _ = out.flush();
+            }
+            Ok(Some(Frame::Stderr(b))) => {
+                let _ = std::io::stderr().lock().write_all(&b);
+            }
+            Ok(Some(Frame::Exit(code))) => break code,
+            Ok(Some(Frame::Error(m))) => {
+                eprintln!("Error: {m}");
+                break EXIT_LTV_ERROR;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                eprintln!("Error: the connection to the daemon ended before the process did");
+                break EXIT_LTV_ERROR;
+            }
+        }
+    };
+    for t in tasks {
+        t.abort();
+    }
+    code
+}

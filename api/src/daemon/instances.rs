@@ -1,0 +1,335 @@
+//! Instance lifecycle: create, start, stop, exec, delete and supervision, on top of
+//! the `Backend` of each kind. Handlers call these; backends never see HTTP.
+
+use super::error::ApiError;
+use super::reaper::{self, Exit};
+use super::{pio, Daemon};
+use crate::backend::Started;
+use crate::db::{now, InstanceRow};
+use crate::types::{validate_name, ExecPost, Image, Instance, InstancesPost, Status};
+use ltv_containers::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub const DEFAULT_STOP_TIMEOUT: u64 = 10;
+
+impl Daemon {
+    pub fn instance_row(&self, name: &str) -> Result<InstanceRow, ApiError> {
+        self.db
+            .instance(name)?
+            .ok_or_else(|| ApiError::not_found(format!("instance {name:?} not found")))
+    }
+
+    pub fn image_of(&self, reference: &str) -> Result<Image, ApiError> {
+        self.db.image(reference)?.ok_or_else(|| {
+            ApiError::not_found(format!("image {reference:?} not found (see `ltv image list`, or `ltv image build busybox`)"))
+        })
+    }
+
+    fn instance_image(&self, instance: &Instance) -> Result<Image, ApiError> {
+        // By fingerprint: the alias may since point elsewhere.
+        self.db
+            .images()?
+            .into_iter()
+            .find(|i| i.fingerprint == instance.image_fingerprint)
+            .ok_or_else(|| {
+                ApiError::internal(format!(
+                    "the image of {:?} is gone from the store",
+                    instance.name
+                ))
+            })
+    }
+
+    pub fn log_path(&self, name: &str) -> std::path::PathBuf {
+        self.config
+            .state_dir
+            .join("instances")
+            .join(name)
+            .join("console.log")
+    }
+
+    /// Validates and records a new instance and creates its storage. On failure nothing is left.
+    pub async fn create_instance(&self, req: &InstancesPost) -> Result<Instance, ApiError> {
+        let name = match &req.name {
+            Some(n) => n.clone(),
+            None => generated_name(),
+        };
+        validate_name(&name).map_err(ApiError::bad_request)?;
+        if let Some(parent) = &req.parent {
+            // Nesting arrives with the system-container and VM backends.
+            self.instance_row(parent)?;
+            return Err(ApiError::not_implemented(
+                "nested instances are not supported yet",
+            ));
+        }
+        let backend = self.backend(req.kind)?;
+        let image = self.image_of(&req.image)?;
+        let instance = Instance {
+            name: name.clone(),
+            kind: req.kind,
+            image: req.image.clone(),
+            image_fingerprint: image.fingerprint.clone(),
+            parent: None,
+            config: req.config.clone(),
+            status: Status::Created,
+            pid: None,
+            exit_code: None,
+            created_at: now(),
+            auto_remove: req.auto_remove,
+            usage: None,
+        };
+        backend.validate(&instance, &image)?;
+        if !self.db.insert_instance(&instance)? {
+            return Err(ApiError::conflict(format!(
+                "instance {name:?} already exists"
+            )));
+        }
+        if let Err(e) = backend.create(&instance, &image).await {
+            let _ = backend.delete(&instance).await;
+            let _ = self.db.delete_instance(&name);
+            return Err(e);
+        }
+        Ok(instance)
+    }
+
+    /// Starts the main process. `stdio` is `None` for a detached start (output to the log).
+    /// With `CommandNotFound` the instance is left `Stopped` with exit code 127.
+    pub async fn start_instance(
+        self: &Arc<Self>,
+        name: &str,
+        stdio: Option<Stdio>,
+    ) -> Result<i32, ApiError> {
+        let lock = self.lock(name);
+        let _guard = lock.lock().await;
+        let row = self.instance_row(name)?;
+        let instance = row.instance;
+        if instance.status == Status::Running {
+            return Err(ApiError::conflict(format!(
+                "instance {name:?} is already running"
+            )));
+        }
+        let backend = self.backend(instance.kind)?;
+        let image = self.instance_image(&instance)?;
+        let stdio = match stdio {
+            Some(s) => s,
+            None => pio::detached(&self.log_path(name))
+                .map_err(|e| ApiError::internal(format!("open log: {e}")))?,
+        };
+        match backend.start(&instance, &image, stdio).await {
+            Ok(Started { pid, start_time }) => {
+                self.db.set_running(name, pid, start_time)?;
+                self.supervise(name, pid);
+                Ok(pid)
+            }
+            Err(e) => {
+                let _ = backend.cleanup(&instance).await;
+                let code = e.command_not_found.then_some(127);
+                self.db.set_stopped(name, code)?;
+                if instance.auto_remove {
+                    let _ = backend.delete(&instance).await;
+                    let _ = self.db.delete_instance(name);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the main process in the background, then frees its resources.
+    fn supervise(self: &Arc<Self>, name: &str, pid: i32) {
+        let (tx, rx) = watch::channel(None);
+        self.exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), rx);
+        let daemon = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let exit = reaper::wait(pid).await;
+            daemon.finish(&name, exit).await;
+            let _ = tx.send(Some(exit));
+        });
+    }
+
+    async fn finish(&self, name: &str, exit: Exit) {
+        let Ok(Some(row)) = self.db.instance(name) else {
+            return;
+        };
+        let instance = row.instance;
+        if let Ok(backend) = self.backend(instance.kind) {
+            if let Err(e) = backend.cleanup(&instance).await {
+                tracing::error!(instance = name, "cleanup after exit failed: {e}");
+            }
+            if instance.auto_remove {
+                if let Err(e) = backend.delete(&instance).await {
+                    tracing::error!(instance = name, "auto-remove failed: {e}");
+                }
+                let _ = self.db.delete_instance(name);
+                return;
+            }
+        }
+        let _ = self.db.set_stopped(name, exit.code());
+    }
+
+    /// The main process's exit, once the instance's resources are freed.
+    pub fn exit_watch(&self, name: &str) -> Option<watch::Receiver<Option<Exit>>> {
+        self.exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    async fn wait_exit(&self, name: &str, timeout: Duration) -> bool {
+        let Some(mut rx) = self.exit_watch(name) else {
+            return true;
+        };
+        let done = tokio::time::timeout(timeout, rx.wait_for(|e| e.is_some()))
+            .await
+            .is_ok();
+        done
+    }
+
+    /// Stops a running instance: a clean stop request, then a kill after `timeout`.
+    pub async fn stop_instance(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        let lock = self.lock(name);
+        let _guard = lock.lock().await;
+        self.stop_locked(name, force, timeout).await
+    }
+
+    async fn stop_locked(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        let instance = self.instance_row(name)?.instance;
+        let Some(pid) = instance.pid.filter(|_| instance.status == Status::Running) else {
+            return Ok(());
+        };
+        let backend = self.backend(instance.kind)?;
+        if !force {
+            backend.signal_stop(&instance, pid, false).await?;
+            if self.wait_exit(name, timeout).await {
+                return Ok(());
+            }
+        }
+        backend.signal_stop(&instance, pid, true).await?;
+        if self.wait_exit(name, Duration::from_secs(30)).await {
+            Ok(())
+        } else {
+            Err(ApiError::internal(format!(
+                "instance {name:?} did not stop after being killed"
+            )))
+        }
+    }
+
+    pub async fn restart_instance(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        self.stop_instance(name, force, timeout).await?;
+        self.start_instance(name, None).await.map(|_| ())
+    }
+
+    pub async fn delete_instance(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        let lock = self.lock(name);
+        let _guard = lock.lock().await;
+        let instance = self.instance_row(name)?.instance;
+        if instance.status == Status::Running {
+            if !force {
+                return Err(ApiError::conflict(format!(
+                    "instance {name:?} is running: stop it first or delete with --force"
+                )));
+            }
+            self.stop_locked(name, true, Duration::ZERO).await?;
+        }
+        let backend = self.backend(instance.kind)?;
+        backend.delete(&instance).await?;
+        self.db.delete_instance(name)?;
+        self.exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(())
+    }
+
+    /// Starts `req.command` inside the running instance; returns its pid (our child).
+    pub async fn exec_instance(
+        &self,
+        name: &str,
+        req: &ExecPost,
+        stdio: Stdio,
+    ) -> Result<i32, ApiError> {
+        if req.command.is_empty() {
+            return Err(ApiError::bad_request("exec needs a command"));
+        }
+        let instance = self.instance_row(name)?.instance;
+        let pid = match (instance.status, instance.pid) {
+            (Status::Running, Some(pid)) => pid,
+            _ => {
+                return Err(ApiError::conflict(format!(
+                    "instance {name:?} is not running"
+                )))
+            }
+        };
+        let backend = self.backend(instance.kind)?;
+        let image = self.instance_image(&instance)?;
+        Ok(backend.exec(&instance, &image, pid, req, stdio).await?.pid)
+    }
+
+    pub async fn instance_with_usage(&self, name: &str) -> Result<Instance, ApiError> {
+        let mut instance = self.instance_row(name)?.instance;
+        if instance.status == Status::Running {
+            if let Ok(backend) = self.backend(instance.kind) {
+                instance.usage = backend.usage(&instance).await;
+            }
+        }
+        Ok(instance)
+    }
+}
+
+/// After a daemon restart: keep supervising what still runs, free what ended meanwhile.
+pub async fn readopt(daemon: &Arc<Daemon>) {
+    let Ok(rows) = daemon.db.instances() else {
+        return;
+    };
+    for row in rows
+        .into_iter()
+        .filter(|r| r.instance.status == Status::Running)
+    {
+        let name = row.instance.name.clone();
+        let alive = match (row.instance.pid, row.pid_start) {
+            (Some(pid), Some(start)) => {
+                ltv_containers::process::proc_start_time(pid) == Some(start)
+            }
+            _ => false,
+        };
+        if alive {
+            tracing::info!(instance = %name, pid = row.instance.pid, "re-adopted running instance");
+            daemon.supervise(&name, row.instance.pid.unwrap_or_default());
+        } else {
+            tracing::info!(instance = %name, "instance ended while the daemon was away");
+            daemon.finish(&name, Exit::Unknown).await;
+        }
+    }
+}
+
+/// Docker-style random names for `ltv run` without `--name`.
+fn generated_name() -> String {
+    let mut bytes = [0u8; 6];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    format!(
+        "run-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}

@@ -1,0 +1,131 @@
+//! The daemon: state, backends and the HTTP server on a Unix socket.
+
+pub mod error;
+pub mod handlers;
+pub mod images;
+pub mod instances;
+pub mod pio;
+pub mod reaper;
+
+use crate::backend::container::ContainerBackend;
+use crate::backend::Backend;
+use crate::db::Db;
+use crate::types::Kind;
+use anyhow::{bail, Context, Result};
+use ltv_containers::image::ImageStore;
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ltv";
+pub const DEFAULT_SOCKET: &str = "/run/ltv/ltv.sock";
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Top-level cgroup of this daemon's instances, relative to each hierarchy root.
+    pub cgroup_root: String,
+}
+
+pub struct Daemon {
+    pub config: DaemonConfig,
+    pub db: Db,
+    pub images: ImageStore,
+    backends: HashMap<Kind, Arc<dyn Backend>>,
+    /// Exit of each running instance's main process, by name.
+    exits: Mutex<HashMap<String, watch::Receiver<Option<reaper::Exit>>>>,
+    /// Serialises state changes of one instance.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Daemon {
+    pub fn open(config: DaemonConfig) -> Result<Arc<Daemon>> {
+        let state = &config.state_dir;
+        std::fs::create_dir_all(state).with_context(|| format!("create {}", state.display()))?;
+        std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711))?;
+        let instances_dir = state.join("instances");
+        std::fs::create_dir_all(&instances_dir)?;
+        let images = ImageStore::open(&state.join("images"))?;
+        let db = Db::open(&state.join("ltv.db"))?;
+        db.fail_interrupted_operations()?;
+        let mut backends: HashMap<Kind, Arc<dyn Backend>> = HashMap::new();
+        backends.insert(
+            Kind::App,
+            Arc::new(ContainerBackend::new(
+                instances_dir,
+                images.root().to_path_buf(),
+                config.cgroup_root.clone(),
+            )),
+        );
+        Ok(Arc::new(Daemon {
+            config,
+            db,
+            images,
+            backends,
+            exits: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn kinds(&self) -> Vec<Kind> {
+        let mut k: Vec<Kind> = self.backends.keys().copied().collect();
+        k.sort_by_key(|k| k.as_str());
+        k
+    }
+
+    pub fn backend(&self, kind: Kind) -> Result<Arc<dyn Backend>, error::ApiError> {
+        self.backends.get(&kind).cloned().ok_or_else(|| {
+            error::ApiError::not_implemented(format!(
+                "instances of kind {:?} are not supported by this daemon yet",
+                kind.as_str()
+            ))
+        })
+    }
+
+    fn lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_string()).or_default().clone()
+    }
+}
+
+/// Binds the API socket (mode 0660), replacing a stale socket but never a live daemon's.
+pub async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("another daemon is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale socket {}", path.display()))?;
+    }
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Runs the daemon until `shutdown` resolves. Running instances are left running;
+/// the next daemon re-adopts them.
+pub async fn serve(
+    config: DaemonConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    if let Err(e) = reaper::become_subreaper() {
+        tracing::warn!("cannot become a child subreaper: {e}");
+    }
+    let listener = bind_socket(&config.socket).await?;
+    let daemon = Daemon::open(config.clone())?;
+    instances::readopt(&daemon).await;
+    tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "ltv daemon listening");
+    let app = handlers::router(daemon);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = std::fs::remove_file(&config.socket);
+    result.context("serve API")
+}

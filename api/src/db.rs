@@ -1,0 +1,416 @@
+//! The daemon's state in SQLite: instances, images and operations.
+//! Calls are short, so one connection behind a mutex serves the whole daemon.
+
+use crate::types::{Image, Instance, InstanceConfig, Operation};
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::path::Path;
+use std::sync::Mutex;
+
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS instances (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    image TEXT NOT NULL,
+    image_fingerprint TEXT NOT NULL,
+    parent TEXT,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL,
+    pid INTEGER,
+    pid_start INTEGER,
+    exit_code INTEGER,
+    auto_remove INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    alias TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    config TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+";
+
+/// An instance row plus the runtime facts the API does not show.
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub instance: Instance,
+    /// /proc start time of `pid`, to tell our process from a re-used pid.
+    pub pid_start: Option<u64>,
+}
+
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn instance_from_row(row: &Row) -> rusqlite::Result<InstanceRow> {
+    let kind: String = row.get("kind")?;
+    let status: String = row.get("status")?;
+    let config: String = row.get("config")?;
+    let bad = |e: String| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    };
+    Ok(InstanceRow {
+        instance: Instance {
+            name: row.get("name")?,
+            kind: kind.parse().map_err(bad)?,
+            image: row.get("image")?,
+            image_fingerprint: row.get("image_fingerprint")?,
+            parent: row.get("parent")?,
+            config: serde_json::from_str::<InstanceConfig>(&config)
+                .map_err(|e| bad(e.to_string()))?,
+            status: status.parse().map_err(bad)?,
+            pid: row.get("pid")?,
+            exit_code: row.get("exit_code")?,
+            created_at: row.get("created_at")?,
+            auto_remove: row.get::<_, i64>("auto_remove")? != 0,
+            usage: None,
+        },
+        pid_start: row.get::<_, Option<i64>>("pid_start")?.map(|v| v as u64),
+    })
+}
+
+fn image_from_row(row: &Row) -> rusqlite::Result<Image> {
+    let config: String = row.get("config")?;
+    let cfg: ltv_containers::image::ImageConfig = serde_json::from_str(&config).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })?;
+    Ok(Image {
+        alias: row.get("alias")?,
+        fingerprint: row.get("fingerprint")?,
+        size_bytes: row.get::<_, i64>("size_bytes")? as u64,
+        source: row.get("source")?,
+        created_at: row.get("created_at")?,
+        entrypoint: cfg.entrypoint,
+        cmd: cfg.cmd,
+        env: cfg.env,
+        working_dir: cfg.working_dir,
+        user: cfg.user,
+        init: cfg.init,
+    })
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db> {
+        let conn =
+            Connection::open(path).with_context(|| format!("open database {}", path.display()))?;
+        // WAL + NORMAL: durable across daemon crashes, without an fsync per write.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA).context("create schema")?;
+        Ok(Db {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&conn)?)
+    }
+
+    /// Inserts a new instance; `Ok(false)` when the name is taken.
+    pub fn insert_instance(&self, i: &Instance) -> Result<bool> {
+        let config = serde_json::to_string(&i.config)?;
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO instances
+                 (name, kind, image, image_fingerprint, parent, config, status, auto_remove, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    i.name,
+                    i.kind.as_str(),
+                    i.image,
+                    i.image_fingerprint,
+                    i.parent,
+                    config,
+                    i.status.as_str(),
+                    i.auto_remove as i64,
+                    i.created_at
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    pub fn instance(&self, name: &str) -> Result<Option<InstanceRow>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT * FROM instances WHERE name = ?1",
+                [name],
+                instance_from_row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn instances(&self) -> Result<Vec<InstanceRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT * FROM instances ORDER BY created_at, name")?;
+            let rows = stmt.query_map([], instance_from_row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn set_running(&self, name: &str, pid: i32, pid_start: u64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE instances SET status = 'Running', pid = ?2, pid_start = ?3, exit_code = NULL WHERE name = ?1",
+                params![name, pid, pid_start as i64],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn set_stopped(&self, name: &str, exit_code: Option<i32>) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE instances SET status = 'Stopped', pid = NULL, pid_start = NULL, exit_code = ?2 WHERE name = ?1",
+                params![name, exit_code],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn set_config(&self, name: &str, config: &InstanceConfig) -> Result<()> {
+        let config = serde_json::to_string(config)?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE instances SET config = ?2 WHERE name = ?1",
+                params![name, config],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn delete_instance(&self, name: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM instances WHERE name = ?1", [name])
+                .map(|_| ())
+        })
+    }
+
+    pub fn instances_using_image(&self, fingerprint: &str) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT name FROM instances WHERE image_fingerprint = ?1")?;
+            let rows = stmt.query_map([fingerprint], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    pub fn put_image(&self, alias: &str, info: &ltv_containers::image::ImageInfo) -> Result<Image> {
+        let config = serde_json::to_string(&info.config)?;
+        let created = now();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO images (alias, fingerprint, size_bytes, source, config, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(alias) DO UPDATE SET fingerprint = excluded.fingerprint,
+                   size_bytes = excluded.size_bytes, source = excluded.source,
+                   config = excluded.config, created_at = excluded.created_at",
+                params![
+                    alias,
+                    info.fingerprint,
+                    info.size_bytes as i64,
+                    info.source,
+                    config,
+                    created
+                ],
+            )?;
+            c.query_row(
+                "SELECT * FROM images WHERE alias = ?1",
+                [alias],
+                image_from_row,
+            )
+        })
+    }
+
+    /// Looks an image up by alias, then by fingerprint (or a unique prefix of at least 12).
+    pub fn image(&self, reference: &str) -> Result<Option<Image>> {
+        self.with(|c| {
+            if let Some(img) = c
+                .query_row(
+                    "SELECT * FROM images WHERE alias = ?1",
+                    [reference],
+                    image_from_row,
+                )
+                .optional()?
+            {
+                return Ok(Some(img));
+            }
+            if reference.len() < 12 || !reference.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(None);
+            }
+            let mut stmt =
+                c.prepare("SELECT * FROM images WHERE fingerprint LIKE ?1 || '%' LIMIT 2")?;
+            let found: Vec<Image> = stmt
+                .query_map([reference], image_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(if found.len() == 1 {
+                found.into_iter().next()
+            } else {
+                None
+            })
+        })
+    }
+
+    pub fn images(&self) -> Result<Vec<Image>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT * FROM images ORDER BY alias")?;
+            let rows = stmt.query_map([], image_from_row)?;
+            rows.collect()
+        })
+    }
+
+    /// Removes the alias; returns whether another alias still points at the fingerprint.
+    pub fn delete_image(&self, alias: &str, fingerprint: &str) -> Result<bool> {
+        self.with(|c| {
+            c.execute("DELETE FROM images WHERE alias = ?1", [alias])?;
+            let others: i64 = c.query_row(
+                "SELECT COUNT(*) FROM images WHERE fingerprint = ?1",
+                [fingerprint],
+                |r| r.get(0),
+            )?;
+            Ok(others > 0)
+        })
+    }
+
+    pub fn begin_operation(&self, action: &str, target: &str) -> Result<i64> {
+        let t = now();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO operations (action, target, status, created_at, updated_at) VALUES (?1, ?2, 'running', ?3, ?3)",
+                params![action, target, t],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    pub fn finish_operation(&self, id: i64, error: Option<&str>) -> Result<()> {
+        let status = if error.is_some() {
+            "failure"
+        } else {
+            "success"
+        };
+        self.with(|c| {
+            c.execute(
+                "UPDATE operations SET status = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, status, error, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Operations left `running` by a daemon that died are marked failed at start-up.
+    pub fn fail_interrupted_operations(&self) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE operations SET status = 'failure', error = 'interrupted by a daemon restart', updated_at = ?1 WHERE status = 'running'",
+                [now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn operations(&self, limit: u32) -> Result<Vec<Operation>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT * FROM operations ORDER BY id DESC LIMIT ?1")?;
+            let rows = stmt.query_map([limit], |r| {
+                Ok(Operation {
+                    id: r.get("id")?,
+                    action: r.get("action")?,
+                    target: r.get("target")?,
+                    status: r.get("status")?,
+                    error: r.get("error")?,
+                    created_at: r.get("created_at")?,
+                    updated_at: r.get("updated_at")?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Kind, Status};
+
+    fn sample(name: &str) -> Instance {
+        Instance {
+            name: name.into(),
+            kind: Kind::App,
+            image: "busybox".into(),
+            image_fingerprint: "ab".repeat(32),
+            parent: None,
+            config: InstanceConfig {
+                memory: Some("64MiB".into()),
+                ..Default::default()
+            },
+            status: Status::Created,
+            pid: None,
+            exit_code: None,
+            created_at: now(),
+            auto_remove: false,
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn instances_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ltv.db");
+        {
+            let db = Db::open(&path).unwrap();
+            assert!(db.insert_instance(&sample("a")).unwrap());
+            assert!(
+                !db.insert_instance(&sample("a")).unwrap(),
+                "duplicate must be refused"
+            );
+            db.set_running("a", 42, 7).unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let row = db.instance("a").unwrap().unwrap();
+        assert_eq!(row.instance.status, Status::Running);
+        assert_eq!(row.instance.pid, Some(42));
+        assert_eq!(row.pid_start, Some(7));
+        assert_eq!(row.instance.config.memory.as_deref(), Some("64MiB"));
+        db.set_stopped("a", Some(3)).unwrap();
+        let row = db.instance("a").unwrap().unwrap();
+        assert_eq!(
+            (
+                row.instance.status,
+                row.instance.exit_code,
+                row.instance.pid
+            ),
+            (Status::Stopped, Some(3), None)
+        );
+        db.delete_instance("a").unwrap();
+        assert!(db.instance("a").unwrap().is_none());
+    }
+
+    #[test]
+    fn operations_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("ltv.db")).unwrap();
+        let id = db.begin_operation("image-build", "busybox").unwrap();
+        db.finish_operation(id, Some("boom")).unwrap();
+        let ops = db.operations(10).unwrap();
+        assert_eq!(ops[0].status, "failure");
+        assert_eq!(ops[0].error.as_deref(), Some("boom"));
+    }
+}

@@ -1,0 +1,277 @@
+//! `ltv demo`: an embedded daemon on a temporary state dir, driven through the same
+//! client as the CLI, showing each capability that works so far. It leaves nothing behind.
+
+use crate::cli::{add_image_with_progress, stream_stdio};
+use crate::client::{Client, ClientError};
+use crate::daemon::{self, DaemonConfig};
+use crate::types::*;
+use hyper::Method;
+use std::time::{Duration, Instant};
+
+fn step(title: &str) {
+    println!("\n\x1b[1m== {title}\x1b[0m");
+}
+
+fn shell(cmd: &str) {
+    println!("\x1b[2m$ {cmd}\x1b[0m");
+}
+
+pub async fn run() -> i32 {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("Error: the demo creates namespaces, mounts and cgroups: run it as root");
+        return 1;
+    }
+    let dir = match tempfile::Builder::new().prefix("ltv-demo-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("Error: temporary directory: {e}");
+            return 1;
+        }
+    };
+    let config = DaemonConfig {
+        state_dir: dir.path().join("state"),
+        socket: dir.path().join("ltv.sock"),
+        cgroup_root: format!("ltv-demo-{}", std::process::id()),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(daemon::serve(config.clone(), async {
+        let _ = stop_rx.await;
+    }));
+    let client = Client::new(&config.socket);
+    let mut ready = false;
+    for _ in 0..100 {
+        if client.get::<ServerInfo>("/1.0").await.is_ok() {
+            ready = true;
+            break;
+        }
+        if server.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let result = if ready {
+        scenes(&client).await
+    } else {
+        Err(ClientError {
+            status: None,
+            message: "the embedded daemon did not start".into(),
+        })
+    };
+    // Whatever happened, remove every instance we made before the daemon goes.
+    if let Ok(instances) = client.get::<Vec<Instance>>("/1.0/instances").await {
+        for i in instances {
+            let _ = client
+                .call_raw(
+                    Method::DELETE,
+                    &format!("/1.0/instances/{}?force=true", i.name),
+                    None::<&()>,
+                )
+                .await;
+        }
+    }
+    let _ = stop_tx.send(());
+    if let Ok(Err(e)) = server.await {
+        eprintln!("Error: daemon: {e:#}");
+    }
+    match result {
+        Ok(()) => {
+            println!("\nDemo finished; its daemon, instances and state directory are gone.");
+            0
+        }
+        Err(e) => {
+            eprintln!("Error: {e}");
+            1
+        }
+    }
+}
+
+async fn run_attached(
+    client: &Client,
+    image: &str,
+    config: InstanceConfig,
+) -> Result<i32, ClientError> {
+    let body = InstancesPost {
+        name: None,
+        kind: Kind::App,
+        image: image.into(),
+        parent: None,
+        config,
+        start: true,
+        attach: Some(AttachOptions::default()),
+        auto_remove: true,
+    };
+    let up = client.upgrade("/1.0/instances", &body).await?;
+    Ok(stream_stdio(up, false, false).await)
+}
+
+async fn exec(client: &Client, name: &str, command: &[&str]) -> Result<i32, ClientError> {
+    let body = ExecPost {
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let up = client
+        .upgrade(&format!("/1.0/instances/{name}/exec"), &body)
+        .await?;
+    Ok(stream_stdio(up, false, false).await)
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+async fn scenes(client: &Client) -> Result<(), ClientError> {
+    step("The host");
+    let info: ServerInfo = client.get("/1.0").await?;
+    println!(
+        "kernel {}, KVM: {}, cgroups: {}, kinds: {:?}",
+        info.kernel, info.kvm, info.cgroup, info.kinds
+    );
+
+    step("An image from Debian's busybox-static");
+    shell("ltv image build busybox");
+    let body = ImagesPost {
+        alias: None,
+        source: ImageSource::Build {
+            builder: "busybox".into(),
+            suite: None,
+            include: vec![],
+            mirror: None,
+        },
+    };
+    let image = add_image_with_progress(client, &body).await?;
+    println!(
+        "image {} {} ({})",
+        image.alias,
+        &image.fingerprint[..12],
+        format_size(image.size_bytes)
+    );
+
+    step("An application container in the foreground");
+    let script = "echo \"hostname: $(hostname)\"; echo \"my pid: $$\"; echo \"processes: $(ls /proc | grep -c '^[0-9]')\"; cat /proc/net/dev | tail -n +3 | cut -d: -f1";
+    shell(&format!(
+        "ltv run --rm --memory 64MiB busybox -- sh -c '{script}'"
+    ));
+    let code = run_attached(
+        client,
+        "busybox",
+        InstanceConfig {
+            memory: Some("64MiB".into()),
+            command: sh(script),
+            ..Default::default()
+        },
+    )
+    .await?;
+    println!("exit code {code}");
+
+    step("Exit codes and missing commands");
+    shell("ltv run --rm busybox -- sh -c 'exit 7'");
+    println!(
+        "exit code {}",
+        run_attached(
+            client,
+            "busybox",
+            InstanceConfig {
+                command: sh("exit 7"),
+                ..Default::default()
+            }
+        )
+        .await?
+    );
+    shell("ltv run --rm busybox -- no-such-command");
+    println!(
+        "exit code {}",
+        run_attached(
+            client,
+            "busybox",
+            InstanceConfig {
+                command: vec!["no-such-command".into()],
+                ..Default::default()
+            }
+        )
+        .await?
+    );
+
+    step("A detached container with limits, exec and usage");
+    shell("ltv launch busybox web --kind app --memory 32MiB --pids 20 -- sh -c 'while true; do echo tick; sleep 1; done'");
+    let body = InstancesPost {
+        name: Some("web".into()),
+        kind: Kind::App,
+        image: "busybox".into(),
+        parent: None,
+        config: InstanceConfig {
+            memory: Some("32MiB".into()),
+            pids: Some(20),
+            command: sh("while true; do echo tick; sleep 1; done"),
+            ..Default::default()
+        },
+        start: true,
+        attach: None,
+        auto_remove: false,
+    };
+    let web: Instance = client
+        .call(Method::POST, "/1.0/instances", Some(&body))
+        .await?;
+    println!(
+        "web is {} with host pid {}",
+        web.status.as_str(),
+        web.pid.unwrap_or_default()
+    );
+    shell("ltv exec web -- ps");
+    exec(client, "web", &["ps"]).await?;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let web: Instance = client.get("/1.0/instances/web").await?;
+    if let Some(u) = &web.usage {
+        println!(
+            "usage: memory {} of {}, {} processes, CPU {:.3}s",
+            format_size(u.memory_bytes),
+            u.memory_limit_bytes
+                .map(format_size)
+                .unwrap_or_else(|| "unlimited".into()),
+            u.pids,
+            u.cpu_time_ns as f64 / 1e9
+        );
+    }
+    shell("ltv logs web");
+    let logs = client
+        .call_raw(Method::GET, "/1.0/instances/web/logs", None::<&()>)
+        .await?;
+    print!("{}", String::from_utf8_lossy(&logs));
+    shell("ltv stop web --timeout 1 && ltv delete web");
+    let stop = StatePut {
+        action: StateAction::Stop,
+        force: false,
+        timeout: Some(1),
+    };
+    let web: Instance = client
+        .call(Method::PUT, "/1.0/instances/web/state", Some(&stop))
+        .await?;
+    println!("web is {}", web.status.as_str());
+    client
+        .call_raw(Method::DELETE, "/1.0/instances/web", None::<&()>)
+        .await?;
+
+    step("Start latency");
+    let mut samples = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        let body = InstancesPost {
+            name: None,
+            kind: Kind::App,
+            image: "busybox".into(),
+            parent: None,
+            config: InstanceConfig {
+                command: vec!["/bin/true".into()],
+                ..Default::default()
+            },
+            start: true,
+            attach: Some(AttachOptions::default()),
+            auto_remove: true,
+        };
+        let up = client.upgrade("/1.0/instances", &body).await?;
+        stream_stdio(up, false, false).await;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    println!("`ltv run --rm busybox -- /bin/true` through the API: median {:.1} ms over {} runs (see bench/ for the comparison with crun)", samples[samples.len() / 2].as_secs_f64() * 1e3, samples.len());
+    Ok(())
+}
