@@ -1,1 +1,212 @@
-//! (owner: runtime helper)
+//! Namespaces: the raw clone used from the multi-threaded daemon, user-namespace id maps,
+//! joining an existing container's namespaces, and the loopback interface.
+
+use crate::spec::IdMap;
+use std::ffi::{CStr, CString};
+use std::io::{Error, Result};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Namespaces a container's first process gets at clone time. The cgroup namespace is
+/// created later by the helper, once it has been moved into the container's cgroup.
+pub fn clone_flags(user_ns: bool) -> libc::c_int {
+    let mut f = libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET;
+    if user_ns {
+        f |= libc::CLONE_NEWUSER;
+    }
+    f
+}
+
+/// An execve prepared entirely before the clone: after clone in a multi-threaded process
+/// the child may only make async-signal-safe calls, so no allocation happens there.
+pub struct PreparedExec {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _envp: Vec<CString>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    /// (source, target) pairs for dup2; every source is >= 10, so the order is free.
+    dups: Vec<(OwnedFd, RawFd)>,
+    /// The child blocks on one byte from this (target) fd before execve.
+    sync_fd: Option<RawFd>,
+}
+
+fn cstring(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in string"))
+}
+
+impl PreparedExec {
+    /// `fds` are (descriptor, number it gets in the child). The descriptors are duplicated
+    /// above 9 (close-on-exec) so that no dup2 in the child can clobber a later source.
+    pub fn new(
+        path: &str,
+        argv: &[&str],
+        envp: &[String],
+        fds: &[(RawFd, RawFd)],
+        sync_fd: Option<RawFd>,
+    ) -> Result<Self> {
+        let argv: Vec<CString> = argv.iter().map(|a| cstring(a)).collect::<Result<_>>()?;
+        let envp: Vec<CString> = envp.iter().map(|a| cstring(a)).collect::<Result<_>>()?;
+        let mut argv_ptrs: Vec<_> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<_> = envp.iter().map(|a| a.as_ptr()).collect();
+        envp_ptrs.push(std::ptr::null());
+        let mut dups = Vec::with_capacity(fds.len());
+        for &(src, dst) in fds {
+            // SAFETY: fcntl on a descriptor the caller owns; the result is a new fd we own.
+            let n = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10) };
+            if n < 0 {
+                return Err(Error::last_os_error());
+            }
+            // SAFETY: n is a fresh descriptor returned by fcntl.
+            dups.push((unsafe { OwnedFd::from_raw_fd(n) }, dst));
+        }
+        Ok(PreparedExec {
+            path: cstring(path)?,
+            _argv: argv,
+            argv_ptrs,
+            _envp: envp,
+            envp_ptrs,
+            dups,
+            sync_fd,
+        })
+    }
+
+    /// clone(2) with `flags` (plus SIGCHLD); the child sets up its fds, waits for the
+    /// sync byte if asked, and execs. Returns the child's pid.
+    pub fn spawn(&self, flags: libc::c_int) -> Result<libc::pid_t> {
+        // SAFETY: a fork-like raw clone (no new stack, no CLONE_VM). The child only calls
+        // async-signal-safe functions on memory prepared before the clone, then execs or exits.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (flags | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        };
+        if pid < 0 {
+            return Err(Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: see above; never returns.
+            unsafe { self.child(flags & libc::CLONE_NEWUSER != 0) }
+        }
+        Ok(pid as libc::pid_t)
+    }
+
+    /// `become_root`: switch to uid/gid 0 of the new user namespace (mapped by now), or
+    /// execve would drop every capability. Raw syscalls: glibc's setuid wrappers would try
+    /// to signal threads that do not exist in this child.
+    unsafe fn child(&self, become_root: bool) -> ! {
+        for (src, dst) in &self.dups {
+            if libc::dup2(src.as_raw_fd(), *dst) < 0 {
+                libc::_exit(126);
+            }
+        }
+        if let Some(fd) = self.sync_fd {
+            let mut b = 0u8;
+            loop {
+                let r = libc::read(fd, &mut b as *mut u8 as *mut libc::c_void, 1);
+                if r == 1 {
+                    break;
+                }
+                // The parent gave up (EOF) or the read failed for good.
+                if r == 0 || *libc::__errno_location() != libc::EINTR {
+                    libc::_exit(125);
+                }
+            }
+        }
+        if become_root
+            && (libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+                || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+                || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0)
+        {
+            libc::_exit(124);
+        }
+        libc::execve(
+            self.path.as_ptr(),
+            self.argv_ptrs.as_ptr(),
+            self.envp_ptrs.as_ptr(),
+        );
+        libc::_exit(127)
+    }
+}
+
+/// Writes the uid/gid maps of a child in a new user namespace (from the parent, as root:
+/// no `setgroups deny` needed, so the container may still call setgroups).
+pub fn write_id_maps(pid: i32, map: &IdMap) -> Result<()> {
+    let w = |file: &str, host: u32| {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, format!("0 {host} {}\n", map.size))
+            .map_err(|e| Error::new(e.kind(), format!("write {path}: {e}")))
+    };
+    w("uid_map", map.host_uid)?;
+    w("gid_map", map.host_gid)
+}
+
+/// Namespace files of a running process, opened before joining any (joining the mount
+/// namespace changes what `/proc` means).
+pub fn open_namespaces(pid: i32, user: bool) -> Result<Vec<(&'static str, OwnedFd)>> {
+    let mut kinds = Vec::new();
+    if user {
+        kinds.push("user");
+    }
+    // Mount last: after it, relative paths to the host are gone.
+    kinds.extend(["ipc", "uts", "net", "pid", "cgroup", "mnt"]);
+    let mut out = Vec::new();
+    for k in kinds {
+        let path = format!("/proc/{pid}/ns/{k}");
+        let f = std::fs::File::open(&path)
+            .map_err(|e| Error::new(e.kind(), format!("open {path}: {e}")))?;
+        out.push((k, OwnedFd::from(f)));
+    }
+    Ok(out)
+}
+
+pub fn join(kind: &str, fd: &OwnedFd) -> Result<()> {
+    // SAFETY: setns on an owned namespace fd.
+    if unsafe { libc::setns(fd.as_raw_fd(), 0) } != 0 {
+        let e = Error::last_os_error();
+        return Err(Error::new(e.kind(), format!("setns {kind}: {e}")));
+    }
+    Ok(())
+}
+
+pub fn unshare_cgroup() -> Result<()> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Brings `lo` up in the current network namespace.
+pub fn loopback_up() -> Result<()> {
+    // SAFETY: socket/ioctl with a zeroed, correctly sized ifreq; the fd is owned right away.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(Error::last_os_error());
+        }
+        let sock = OwnedFd::from_raw_fd(s);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        let name: &CStr = c"lo";
+        for (d, s) in ifr.ifr_name.iter_mut().zip(name.to_bytes_with_nul()) {
+            *d = *s as libc::c_char;
+        }
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            return Err(Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) < 0 {
+            return Err(Error::last_os_error());
+        }
+    }
+    Ok(())
+}

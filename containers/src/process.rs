@@ -1,12 +1,34 @@
 //! Container lifecycle: start, exec, destroy, and the re-executed init helper.
-//! INTERFACE ONLY: bodies are being written (owner: runtime helper).
+//!
+//! The daemon is multi-threaded, so `start`/`exec` clone a child that only dup2s its fds
+//! and re-executes `/proc/self/exe` with [`INIT_ARG`]. That helper ([`init_main`]) is
+//! single-threaded and does the real setup. Fixed descriptors in the helper:
+//! 0-2 stdio, 3 the control pipe (one sync byte, then a JSON [`InitMsg`]), 4 the status
+//! pipe (close-on-exec: EOF without data means the container command was executed).
 
-use crate::spec::{ContainerSpec, ProcessSpec};
-use std::os::fd::OwnedFd;
+use crate::cgroups::{self, CgroupManager};
+use crate::namespaces::{self, PreparedExec};
+use crate::rootfs;
+use crate::security;
+use crate::spec::{ContainerSpec, NetworkMode, ProcessSpec};
+use serde::{Deserialize, Serialize};
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// argv[1] with which the binary is re-executed as the container init helper;
 /// the binary's `main` must call [`init_main`] when it sees it (before anything else).
 pub const INIT_ARG: &str = "__ltv-init";
+
+const CTL_FD: RawFd = 3;
+const STATUS_FD: RawFd = 4;
+/// How long `start`/`exec` wait for the helper to report.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Docker's PATH when the spec's env has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The three stdio descriptors handed to a container process.
 pub struct Stdio {
@@ -28,6 +50,9 @@ pub enum Error {
     /// The command is not in the image; callers report exit code 127.
     #[error("{0}")]
     CommandNotFound(String),
+    /// The command exists but cannot be executed (permission denied); Docker reports 126.
+    #[error("{0}")]
+    CommandNotExecutable(String),
     #[error("invalid container spec: {0}")]
     InvalidSpec(String),
     #[error("{stage}: {source}")]
@@ -40,27 +65,702 @@ pub enum Error {
     Init(String),
 }
 
-pub fn start(_spec: &ContainerSpec, _stdio: Stdio) -> Result<Started, Error> {
-    unimplemented!("runtime helper")
+fn setup(stage: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Setup { stage, source }
 }
 
-pub fn exec(
-    _spec: &ContainerSpec,
-    _init_pid: i32,
-    _process: &ProcessSpec,
-    _stdio: Stdio,
+/// What the parent sends the helper on the control pipe.
+#[derive(Serialize, Deserialize)]
+enum InitMsg {
+    Start {
+        spec: ContainerSpec,
+    },
+    Exec {
+        spec: ContainerSpec,
+        init_pid: i32,
+        process: ProcessSpec,
+    },
+}
+
+/// Status-pipe tags written by the helper before it gives up.
+const TAG_NOT_FOUND: u8 = b'N';
+const TAG_NOT_EXEC: u8 = b'X';
+const TAG_ERROR: u8 = b'E';
+
+fn validate_process(p: &ProcessSpec) -> Result<(), Error> {
+    let bad = |m: String| Err(Error::InvalidSpec(m));
+    if p.args.is_empty() || p.args[0].is_empty() {
+        return bad("process args are empty".into());
+    }
+    if p.args.iter().chain(&p.env).any(|s| s.contains('\0')) {
+        return bad("NUL byte in process args or env".into());
+    }
+    if !p.cwd.is_empty() && !p.cwd.starts_with('/') {
+        return bad(format!("cwd {:?} must be absolute", p.cwd));
+    }
+    Ok(())
+}
+
+fn validate(spec: &ContainerSpec) -> Result<(), Error> {
+    validate_process(&spec.process)?;
+    rootfs::validate(&spec.rootfs).map_err(Error::InvalidSpec)?;
+    cgroups::validate_path(&spec.cgroup).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    if spec.hostname.len() > 64 || spec.hostname.contains('\0') {
+        return Err(Error::InvalidSpec(format!(
+            "bad hostname {:?}",
+            spec.hostname
+        )));
+    }
+    if let Some(m) = spec.idmap {
+        if m.size == 0 {
+            return Err(Error::InvalidSpec("idmap size is 0".into()));
+        }
+    }
+    Ok(())
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| setup("create pipe")(std::io::Error::from_raw_os_error(e as i32)))
+}
+
+/// A spawned helper and the parent's pipe ends.
+struct Helper {
+    pid: i32,
+    ctl: Option<OwnedFd>,
+    status: OwnedFd,
+    reaped: bool,
+}
+
+impl Helper {
+    fn spawn(stdio: Stdio, flags: libc::c_int) -> Result<Helper, Error> {
+        let (ctl_r, ctl_w) = pipe()?;
+        let (st_r, st_w) = pipe()?;
+        let prep = PreparedExec::new(
+            "/proc/self/exe",
+            &["ltv-init", INIT_ARG],
+            &[],
+            &[
+                (stdio.stdin.as_raw_fd(), 0),
+                (stdio.stdout.as_raw_fd(), 1),
+                (stdio.stderr.as_raw_fd(), 2),
+                (ctl_r.as_raw_fd(), CTL_FD),
+                (st_w.as_raw_fd(), STATUS_FD),
+            ],
+            Some(CTL_FD),
+        )
+        .map_err(setup("prepare helper exec"))?;
+        let pid = prep
+            .spawn(flags)
+            .map_err(setup("clone container process"))?;
+        // Our copies must go, or EOF on the status pipe would never come.
+        drop((prep, ctl_r, st_w, stdio));
+        Ok(Helper {
+            pid,
+            ctl: Some(ctl_w),
+            status: st_r,
+            reaped: false,
+        })
+    }
+
+    /// Releases the helper (one sync byte), sends the message and closes the pipe.
+    fn send(&mut self, msg: &InitMsg) -> Result<(), Error> {
+        let mut buf = vec![b'G'];
+        serde_json::to_writer(&mut buf, msg)
+            .map_err(|e| setup("encode spec")(std::io::Error::other(e)))?;
+        let Some(fd) = self.ctl.take() else {
+            return Ok(());
+        };
+        let mut f = std::fs::File::from(fd);
+        // EPIPE means the helper died: its status (if any) tells why.
+        match f.write_all(&buf) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            Err(e) => Err(setup("send spec to container init")(e)),
+        }
+    }
+
+    /// Waits for EOF on the status pipe; Ok when the command was executed.
+    fn wait_status(&mut self) -> Result<(), Error> {
+        let msg = read_with_timeout(&self.status, SETUP_TIMEOUT)
+            .map_err(setup("read container init status"))?;
+        match msg {
+            None => Err(Error::Init(format!(
+                "container init did not finish setup within {SETUP_TIMEOUT:?}"
+            ))),
+            Some(m) if m.is_empty() => Ok(()),
+            Some(m) => {
+                let text = String::from_utf8_lossy(&m[1..]).into_owned();
+                Err(match m[0] {
+                    TAG_NOT_FOUND => Error::CommandNotFound(text),
+                    TAG_NOT_EXEC => Error::CommandNotExecutable(text),
+                    _ => Error::Init(text),
+                })
+            }
+        }
+    }
+
+    fn kill_and_reap(&mut self) {
+        if self.reaped {
+            return;
+        }
+        // SAFETY: our own child, not reaped yet, so the pid cannot be reused.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+        self.reaped = true;
+    }
+}
+
+/// Reads until EOF; `None` on timeout.
+fn read_with_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<Option<Vec<u8>>> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            continue;
+        }
+        // SAFETY: reading into a stack buffer of the given size.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Ok(Some(out));
+        }
+        out.extend_from_slice(&buf[..n as usize]);
+    }
+}
+
+/// Creates the container (cgroup, overlay, namespaces) and runs its first process.
+pub fn start(spec: &ContainerSpec, stdio: Stdio) -> Result<Started, Error> {
+    validate(spec)?;
+    let cg = cgroups::manager(&spec.cgroup);
+    let mut mounted = false;
+    let mut helper: Option<Helper> = None;
+    let r = start_inner(spec, stdio, cg.as_ref(), &mut mounted, &mut helper);
+    if r.is_err() {
+        if let Some(h) = helper.as_mut() {
+            h.kill_and_reap();
+        }
+        let _ = cg.kill_all();
+        if mounted {
+            if let Err(e) = rootfs::unmount_all(&spec.rootfs.mountpoint) {
+                tracing::warn!("{}: cleanup: {e}", spec.name);
+            }
+        }
+        if let Err(e) = cg.remove() {
+            tracing::warn!("{}: cleanup: {e}", spec.name);
+        }
+    }
+    r
+}
+
+fn start_inner(
+    spec: &ContainerSpec,
+    stdio: Stdio,
+    cg: &dyn CgroupManager,
+    mounted: &mut bool,
+    helper: &mut Option<Helper>,
 ) -> Result<Started, Error> {
-    unimplemented!("runtime helper")
+    cg.create().map_err(setup("create cgroup"))?;
+    cg.apply(&spec.limits)
+        .map_err(setup("apply cgroup limits"))?;
+    rootfs::mount_overlay(&spec.rootfs, spec.idmap.as_ref()).map_err(setup("mount rootfs"))?;
+    *mounted = true;
+    let h = helper.insert(Helper::spawn(
+        stdio,
+        namespaces::clone_flags(spec.idmap.is_some()),
+    )?);
+    if let Some(m) = &spec.idmap {
+        namespaces::write_id_maps(h.pid, m).map_err(setup("write user namespace id maps"))?;
+    }
+    cg.add_process(h.pid).map_err(setup("add init to cgroup"))?;
+    let start_time = proc_start_time(h.pid)
+        .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
+    h.send(&InitMsg::Start { spec: spec.clone() })?;
+    h.wait_status()?;
+    Ok(Started {
+        pid: h.pid,
+        start_time,
+    })
 }
 
-pub fn destroy(_spec: &ContainerSpec) -> Result<(), Error> {
-    unimplemented!("runtime helper")
+/// Runs `process` inside the running container whose init is `init_pid`. The returned
+/// pid is a helper that exits with the process's exit code (128+signal if killed).
+pub fn exec(
+    spec: &ContainerSpec,
+    init_pid: i32,
+    process: &ProcessSpec,
+    stdio: Stdio,
+) -> Result<Started, Error> {
+    validate_process(process)?;
+    if init_pid <= 0 {
+        return Err(Error::InvalidSpec(format!("bad init pid {init_pid}")));
+    }
+    let cg = cgroups::manager(&spec.cgroup);
+    let mut h = Helper::spawn(stdio, 0)?;
+    let r = (|| {
+        cg.add_process(h.pid)
+            .map_err(setup("add exec helper to cgroup"))?;
+        let start_time = proc_start_time(h.pid)
+            .ok_or_else(|| Error::Init(format!("exec helper (pid {}) vanished", h.pid)))?;
+        h.send(&InitMsg::Exec {
+            spec: spec.clone(),
+            init_pid,
+            process: process.clone(),
+        })?;
+        h.wait_status()?;
+        Ok(Started {
+            pid: h.pid,
+            start_time,
+        })
+    })();
+    if r.is_err() {
+        h.kill_and_reap();
+    }
+    r
 }
 
-pub fn proc_start_time(_pid: i32) -> Option<u64> {
-    unimplemented!("runtime helper")
+/// Removes what `start` created: processes, mounts, cgroup. Idempotent.
+pub fn destroy(spec: &ContainerSpec) -> Result<(), Error> {
+    let cg = cgroups::manager(&spec.cgroup);
+    let killed = cg.kill_all().map_err(setup("kill container processes"));
+    let unmounted = rootfs::unmount_all(&spec.rootfs.mountpoint).map_err(setup("unmount rootfs"));
+    killed?;
+    unmounted?;
+    cg.remove().map_err(setup("remove cgroup"))
 }
 
+/// Field 22 (starttime) of /proc/PID/stat.
+pub fn proc_start_time(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let s = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&String::from_utf8_lossy(&s))
+}
+
+/// comm (field 2) may hold spaces and parens: fields resume after the LAST ')'.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // rest starts at field 3 (state); starttime is field 22.
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// Command lookup
+
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    Missing,
+    NotExecutable,
+    Executable,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum LookupError {
+    NotFound(String),
+    NotExecutable(String),
+}
+
+fn env_path(env: &[String]) -> &str {
+    env.iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH)
+}
+
+/// Resolves `cmd` like Go's exec.LookPath (what runc and Docker report on).
+fn lookup(cmd: &str, path: &str, probe: impl Fn(&Path) -> Probe) -> Result<PathBuf, LookupError> {
+    if cmd.contains('/') {
+        return match probe(Path::new(cmd)) {
+            Probe::Executable => Ok(cmd.into()),
+            Probe::NotExecutable => Err(LookupError::NotExecutable(format!(
+                "exec: \"{cmd}\": permission denied"
+            ))),
+            Probe::Missing => Err(LookupError::NotFound(format!(
+                "exec: \"{cmd}\": stat {cmd}: no such file or directory"
+            ))),
+        };
+    }
+    for dir in path.split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let cand = Path::new(dir).join(cmd);
+        if probe(&cand) == Probe::Executable {
+            return Ok(cand);
+        }
+    }
+    Err(LookupError::NotFound(format!(
+        "exec: \"{cmd}\": executable file not found in $PATH"
+    )))
+}
+
+fn probe_fs(p: &Path) -> Probe {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {
+            // access(2) checks as the (already switched) real ids, including noexec mounts.
+            let c = match CString::new(p.as_os_str().as_encoded_bytes()) {
+                Ok(c) => c,
+                Err(_) => return Probe::Missing,
+            };
+            // SAFETY: valid C string.
+            if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
+                Probe::Executable
+            } else {
+                Probe::NotExecutable
+            }
+        }
+        Ok(_) => Probe::NotExecutable,
+        Err(_) => Probe::Missing,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The helper (runs in the re-executed binary, single-threaded)
+
+/// Why the helper gave up; becomes the status-pipe message.
+enum InitError {
+    NotFound(String),
+    NotExecutable(String),
+    Other(String),
+}
+
+impl<E: std::fmt::Display> From<(&'static str, E)> for InitError {
+    fn from((stage, e): (&'static str, E)) -> Self {
+        InitError::Other(format!("{stage}: {e}"))
+    }
+}
+
+type InitResult<T> = Result<T, InitError>;
+
+fn report(err: &InitError) {
+    let (tag, msg) = match err {
+        InitError::NotFound(m) => (TAG_NOT_FOUND, m),
+        InitError::NotExecutable(m) => (TAG_NOT_EXEC, m),
+        InitError::Other(m) => (TAG_ERROR, m),
+    };
+    let mut buf = vec![tag];
+    buf.extend_from_slice(msg.as_bytes());
+    // SAFETY: writing a local buffer to the status fd (it may already be closed: harmless).
+    unsafe { libc::write(STATUS_FD, buf.as_ptr().cast(), buf.len()) };
+}
+
+fn exit_code(err: &InitError) -> i32 {
+    match err {
+        InitError::NotFound(_) => 127,
+        InitError::NotExecutable(_) => 126,
+        InitError::Other(_) => 1,
+    }
+}
+
+/// Entry point of the re-executed helper; never returns.
 pub fn init_main() -> ! {
-    unimplemented!("runtime helper")
+    let r = std::panic::catch_unwind(|| {
+        let msg = helper_prologue()?;
+        match msg {
+            InitMsg::Start { spec } => init_start(&spec),
+            InitMsg::Exec {
+                spec,
+                init_pid,
+                process,
+            } => init_exec(&spec, init_pid, &process),
+        }
+    });
+    let err = match r {
+        Ok(Err(e)) => e,
+        Ok(Ok(never)) => match never {},
+        Err(p) => InitError::Other(format!(
+            "container init panicked: {}",
+            p.downcast_ref::<&str>()
+                .copied()
+                .or(p.downcast_ref::<String>().map(|s| s.as_str()))
+                .unwrap_or("?")
+        )),
+    };
+    report(&err);
+    std::process::exit(exit_code(&err))
+}
+
+fn helper_prologue() -> InitResult<InitMsg> {
+    // SAFETY: fd flag changes and closing descriptors nobody else in this process uses.
+    unsafe {
+        libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(CTL_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        // Anything else inherited from the daemon must not reach the container.
+        libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+    }
+    // SAFETY: CTL_FD was set up by the parent for us alone.
+    let mut ctl = unsafe { std::fs::File::from_raw_fd(CTL_FD) };
+    let mut buf = Vec::new();
+    ctl.read_to_end(&mut buf).map_err(|e| ("read spec", e))?;
+    drop(ctl);
+    serde_json::from_slice(&buf).map_err(|e| ("decode spec", e).into())
+}
+
+fn errno_str(e: nix::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+fn init_start(spec: &ContainerSpec) -> InitResult<std::convert::Infallible> {
+    // Built first: a filter that cannot compile must fail before anything else.
+    let filters = security::default_seccomp().map_err(|e| ("seccomp", e))?;
+    namespaces::unshare_cgroup().map_err(|e| ("unshare cgroup namespace", e))?;
+    nix::unistd::sethostname(&spec.hostname).map_err(|e| ("set hostname", errno_str(e)))?;
+    if spec.network == NetworkMode::Loopback {
+        namespaces::loopback_up().map_err(|e| ("bring lo up", e))?;
+    }
+    rootfs::setup(&spec.rootfs.mountpoint, spec.process.tty).map_err(|e| ("rootfs", e))?;
+    session(spec.process.tty)?;
+    finish_and_exec(&spec.process, &filters)
+}
+
+fn session(tty: bool) -> InitResult<()> {
+    nix::unistd::setsid().map_err(|e| ("setsid", errno_str(e)))?;
+    if tty {
+        // SAFETY: ioctl on stdin with an integer argument.
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+            return Err(("set controlling terminal", std::io::Error::last_os_error()).into());
+        }
+    }
+    Ok(())
+}
+
+/// cwd, ids, capabilities, no_new_privs, seccomp, then execve. Only returns on failure.
+fn finish_and_exec(
+    p: &ProcessSpec,
+    filters: &[seccompiler::BpfProgram],
+) -> InitResult<std::convert::Infallible> {
+    let cwd = rootfs::ensure_dir(&p.cwd).map_err(|e| ("working directory", e))?;
+    let argv: Vec<CString> = p
+        .args
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ("args", e))?;
+    let envp: Vec<CString> = p
+        .env
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ("env", e))?;
+
+    security::drop_bounding().map_err(|e| ("capabilities", e))?;
+    security::keep_caps(true).map_err(|e| ("capabilities", e))?;
+    let groups: Vec<nix::unistd::Gid> = p
+        .additional_gids
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
+    nix::unistd::setgroups(&groups).map_err(|e| ("setgroups", errno_str(e)))?;
+    let gid = nix::unistd::Gid::from_raw(p.gid);
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| ("setgid", errno_str(e)))?;
+    let uid = nix::unistd::Uid::from_raw(p.uid);
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| ("setuid", errno_str(e)))?;
+    security::set_caps().map_err(|e| ("capabilities", e))?;
+    std::env::set_current_dir(&cwd).map_err(|e| ("chdir", format!("{}: {e}", cwd.display())))?;
+
+    let path = lookup(&p.args[0], env_path(&p.env), probe_fs).map_err(|e| match e {
+        LookupError::NotFound(m) => InitError::NotFound(m),
+        LookupError::NotExecutable(m) => InitError::NotExecutable(m),
+    })?;
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| ("path", e))?;
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+
+    security::set_no_new_privs().map_err(|e| ("no_new_privs", e))?;
+    reset_signals();
+    security::install_seccomp(filters).map_err(|e| ("seccomp", e))?;
+    // SAFETY: NUL-terminated pointer arrays over live CStrings.
+    unsafe { libc::execve(cpath.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
+    let e = std::io::Error::last_os_error();
+    let cmd = &p.args[0];
+    Err(match e.raw_os_error() {
+        // e.g. a script whose interpreter is missing.
+        Some(libc::ENOENT) => InitError::NotFound(format!("exec: \"{cmd}\": {e}")),
+        Some(libc::EACCES) => InitError::NotExecutable(format!("exec: \"{cmd}\": {e}")),
+        _ => InitError::Other(format!("exec {cmd:?}: {e}")),
+    })
+}
+
+/// Default dispositions and an empty mask: ignored signals (Rust ignores SIGPIPE) and
+/// the daemon thread's mask would otherwise survive execve.
+fn reset_signals() {
+    // SAFETY: resetting signal dispositions in a single-threaded process.
+    unsafe {
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+fn init_exec(
+    spec: &ContainerSpec,
+    init_pid: i32,
+    p: &ProcessSpec,
+) -> InitResult<std::convert::Infallible> {
+    let filters = security::default_seccomp().map_err(|e| ("seccomp", e))?;
+    let ns = namespaces::open_namespaces(init_pid, spec.idmap.is_some())
+        .map_err(|e| ("container namespaces", e))?;
+    for (kind, fd) in &ns {
+        namespaces::join(kind, fd).map_err(|e| ("join container", e))?;
+    }
+    drop(ns);
+
+    // Block what we forward (and SIGCHLD) before fork, so none is lost.
+    // SAFETY: signal mask manipulation in a single-threaded process.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
+            libc::sigaddset(&mut set, s);
+            libc::signal(s, libc::SIG_DFL);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    // Joining a pid namespace only applies to children: fork once.
+    // SAFETY: single-threaded process.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(("fork", std::io::Error::last_os_error()).into());
+    }
+    if child == 0 {
+        let r = session(p.tty).and_then(|_| finish_and_exec(p, &filters));
+        let err = match r {
+            Err(e) => e,
+            Ok(never) => match never {},
+        };
+        report(&err);
+        std::process::exit(exit_code(&err));
+    }
+    // Only the grandchild reports from here on.
+    // SAFETY: closing our copy of the status fd.
+    unsafe { libc::close(STATUS_FD) };
+    std::process::exit(forward_and_wait(child, &set))
+}
+
+/// Forwards SIGTERM/SIGINT/SIGHUP to `child` until it exits; returns its exit code.
+fn forward_and_wait(child: libc::pid_t, set: &libc::sigset_t) -> i32 {
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
+        if r == child {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            if libc::WIFSIGNALED(status) {
+                return 128 + libc::WTERMSIG(status);
+            }
+        } else if r < 0 {
+            return 255;
+        }
+        // SAFETY: waiting on a blocked signal set.
+        let sig = unsafe { libc::sigwaitinfo(set, std::ptr::null_mut()) };
+        if sig > 0 && sig != libc::SIGCHLD {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child, sig) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_start_time_with_nasty_comm() {
+        let tail = "S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 777 19 20";
+        let s = format!("42 (a) b (c)) {tail}\n");
+        assert_eq!(parse_start_time(&s), Some(777));
+        assert_eq!(parse_start_time("42 (x"), None);
+        assert_eq!(parse_start_time("garbage"), None);
+        let me = proc_start_time(std::process::id() as i32).unwrap();
+        assert!(me > 0);
+        assert_eq!(proc_start_time(-1), None);
+    }
+
+    #[test]
+    fn path_lookup() {
+        let fs = |p: &Path| match p.to_str().unwrap() {
+            "/usr/bin/sh" | "/bin/ok" | "./rel" => Probe::Executable,
+            "/bin/sh" | "/bin/noexec" => Probe::NotExecutable,
+            _ => Probe::Missing,
+        };
+        assert_eq!(lookup("sh", "/bin:/usr/bin", fs), Ok("/usr/bin/sh".into()));
+        assert_eq!(lookup("rel", ":/bin", fs), Ok("./rel".into()));
+        assert_eq!(lookup("/bin/ok", "", fs), Ok("/bin/ok".into()));
+        assert_eq!(
+            lookup("foo", "/bin", fs),
+            Err(LookupError::NotFound(
+                "exec: \"foo\": executable file not found in $PATH".into()
+            ))
+        );
+        assert!(matches!(
+            lookup("/nope", "/bin", fs),
+            Err(LookupError::NotFound(_))
+        ));
+        assert!(matches!(
+            lookup("/bin/noexec", "/bin", fs),
+            Err(LookupError::NotExecutable(_))
+        ));
+        assert_eq!(env_path(&["A=1".into(), "PATH=/x".into()]), "/x");
+        assert_eq!(env_path(&[]), DEFAULT_PATH);
+    }
+
+    #[test]
+    fn spec_validation() {
+        let p = ProcessSpec {
+            args: vec![],
+            env: vec![],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            tty: false,
+        };
+        assert!(matches!(validate_process(&p), Err(Error::InvalidSpec(_))));
+        let p2 = ProcessSpec {
+            args: vec!["a\0b".into()],
+            ..p.clone()
+        };
+        assert!(validate_process(&p2).is_err());
+        let p3 = ProcessSpec {
+            args: vec!["sh".into()],
+            cwd: "rel".into(),
+            ..p
+        };
+        assert!(validate_process(&p3).is_err());
+    }
 }

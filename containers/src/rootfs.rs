@@ -1,1 +1,410 @@
-//! (owner: runtime helper)
+//! The container's filesystem: the overlay on the host, then (inside the new mount
+//! namespace) /proc, /sys, a minimal /dev, pivot_root and masked paths.
+
+use crate::mountinfo;
+use crate::spec::{IdMap, RootfsSpec};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::io::{Error, ErrorKind, Result};
+use std::path::{Path, PathBuf};
+
+fn err(stage: String, e: impl Into<Error>) -> Error {
+    let e: Error = e.into();
+    Error::new(e.kind(), format!("{stage}: {e}"))
+}
+
+fn nix_err(stage: String, e: nix::Error) -> Error {
+    err(stage, Error::from_raw_os_error(e as i32))
+}
+
+fn mnt(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
+    mount(src, target, fstype, flags, data).map_err(|e| {
+        nix_err(
+            format!(
+                "mount {} at {}",
+                fstype.or(src).unwrap_or("(remount)"),
+                target.display()
+            ),
+            e,
+        )
+    })
+}
+
+/// Checks what would break the overlay option string.
+pub fn validate(spec: &RootfsSpec) -> std::result::Result<(), String> {
+    if spec.lowerdirs.is_empty() {
+        return Err("rootfs needs at least one lower dir".into());
+    }
+    let all = spec
+        .lowerdirs
+        .iter()
+        .chain([&spec.upperdir, &spec.workdir, &spec.mountpoint]);
+    for p in all {
+        let s = p.to_str().ok_or(format!("{} is not UTF-8", p.display()))?;
+        if !p.is_absolute() {
+            return Err(format!("rootfs path {s:?} must be absolute"));
+        }
+        if s.contains([',', ':', '\0', '\\']) {
+            return Err(format!("rootfs path {s:?} contains ',', ':' or '\\'"));
+        }
+    }
+    if spec.mountpoint == Path::new("/") {
+        return Err("rootfs mountpoint must not be /".into());
+    }
+    Ok(())
+}
+
+/// The overlay's mount data.
+pub fn overlay_options(spec: &RootfsSpec) -> String {
+    let lower: Vec<&str> = spec
+        .lowerdirs
+        .iter()
+        .map(|p| p.to_str().unwrap_or_default())
+        .collect();
+    format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        spec.upperdir.display(),
+        spec.workdir.display()
+    )
+}
+
+/// Mounts the overlay at the mountpoint (creating upper, work and mountpoint dirs).
+/// With a user namespace, the upper dir's root is given to the container's root so that
+/// `/` is writable inside.
+pub fn mount_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<()> {
+    for d in [&spec.upperdir, &spec.workdir, &spec.mountpoint] {
+        std::fs::create_dir_all(d).map_err(|e| err(format!("create {}", d.display()), e))?;
+    }
+    if let Some(m) = idmap {
+        std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
+            .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
+    }
+    let data = overlay_options(spec);
+    if data.len() >= 4096 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "overlay options are {} bytes; the kernel takes < 4096",
+                data.len()
+            ),
+        ));
+    }
+    mount(
+        Some("overlay"),
+        &spec.mountpoint,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| nix_err(format!("mount overlay at {}", spec.mountpoint.display()), e))
+}
+
+/// Lazily unmounts everything at or below `dir` in the caller's mount namespace.
+pub fn unmount_all(dir: &Path) -> Result<()> {
+    let dir = match std::fs::canonicalize(dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(format!("resolve {}", dir.display()), e)),
+    };
+    // Shared propagation can bring mounts back; a few rounds settle it.
+    for _ in 0..8 {
+        let mounts = mountinfo::read_self().map_err(|e| err("read mountinfo".into(), e))?;
+        let under = mountinfo::mounts_under(&mounts, &dir);
+        if under.is_empty() {
+            return Ok(());
+        }
+        for m in under {
+            match umount2(&m, MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+                Err(e) => return Err(nix_err(format!("unmount {}", m.display()), e)),
+            }
+        }
+    }
+    Err(Error::other(format!(
+        "mounts remain under {} after unmounting",
+        dir.display()
+    )))
+}
+
+fn mkdir_p(p: &Path) -> Result<()> {
+    std::fs::create_dir_all(p).map_err(|e| err(format!("create {}", p.display()), e))
+}
+
+/// Ensures an empty regular file exists to bind a device node onto.
+fn touch(p: &Path) -> Result<()> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .map(|_| ())
+        .map_err(|e| err(format!("create {}", p.display()), e))
+}
+
+fn symlink(target: &str, link: &Path) -> Result<()> {
+    match std::os::unix::fs::symlink(target, link) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(err(format!("symlink {}", link.display()), e)),
+    }
+}
+
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Builds the container's view under `root` (the overlay mountpoint), in a fresh mount
+/// namespace, then makes it `/`. `tty` binds the terminal on fd 0 at /dev/console.
+pub fn setup(root: &Path, tty: bool) -> Result<()> {
+    let nsfl = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // Nothing we mount may leak back to the host.
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    // A mount copied into a user namespace's mount ns is locked and pivot_root refuses
+    // it; a bind made here is ours (and makes the root a mount point in any case).
+    let r = root.to_str().unwrap_or_default();
+    mnt(
+        Some(r),
+        root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+
+    let proc_ = root.join("proc");
+    mkdir_p(&proc_)?;
+    mnt(Some("proc"), &proc_, Some("proc"), nsfl, None)?;
+
+    let sys = root.join("sys");
+    mkdir_p(&sys)?;
+    if mnt(
+        Some("sysfs"),
+        &sys,
+        Some("sysfs"),
+        nsfl | MsFlags::MS_RDONLY,
+        None,
+    )
+    .is_err()
+    {
+        // A fresh sysfs can be refused (e.g. without a matching netns); bind the host's.
+        mnt(
+            Some("/sys"),
+            &sys,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        mnt(
+            None,
+            &sys,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nsfl,
+            None,
+        )?;
+    }
+
+    setup_dev(&root.join("dev"), tty)?;
+    pivot(root)?;
+    mask_paths()
+}
+
+fn setup_dev(dev: &Path, tty: bool) -> Result<()> {
+    mkdir_p(dev)?;
+    mnt(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )?;
+    for d in DEVICES {
+        let t = dev.join(d);
+        touch(&t)?;
+        let src = format!("/dev/{d}");
+        mnt(Some(&src), &t, None, MsFlags::MS_BIND, None)?;
+    }
+    let pts = dev.join("pts");
+    mkdir_p(&pts)?;
+    let ptsfl = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    let opts = "newinstance,ptmxmode=0666,mode=0620,gid=5";
+    if mnt(Some("devpts"), &pts, Some("devpts"), ptsfl, Some(opts)).is_err() {
+        // gid 5 (tty) may be unmapped in a small user namespace.
+        mnt(
+            Some("devpts"),
+            &pts,
+            Some("devpts"),
+            ptsfl,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        )?;
+    }
+    let shm = dev.join("shm");
+    mkdir_p(&shm)?;
+    mnt(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )?;
+    let mq = dev.join("mqueue");
+    mkdir_p(&mq)?;
+    mnt(
+        Some("mqueue"),
+        &mq,
+        Some("mqueue"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    symlink("pts/ptmx", &dev.join("ptmx"))?;
+    symlink("/proc/self/fd", &dev.join("fd"))?;
+    symlink("/proc/self/fd/0", &dev.join("stdin"))?;
+    symlink("/proc/self/fd/1", &dev.join("stdout"))?;
+    symlink("/proc/self/fd/2", &dev.join("stderr"))?;
+    if tty {
+        let console = dev.join("console");
+        touch(&console)?;
+        mnt(
+            Some("/proc/self/fd/0"),
+            &console,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn pivot(root: &Path) -> Result<()> {
+    std::env::set_current_dir(root).map_err(|e| err(format!("chdir {}", root.display()), e))?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it
+    // leaves the new root alone without needing a put_old directory.
+    nix::unistd::pivot_root(".", ".").map_err(|e| nix_err("pivot_root".into(), e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| nix_err("detach old root".into(), e))?;
+    std::env::set_current_dir("/").map_err(|e| err("chdir /".into(), e))
+}
+
+/// Docker's masked and read-only /proc and /sys paths, so that container root cannot
+/// reach host-wide knobs (sysrq-trigger, kcore, ...).
+const MASKED: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+const READONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+fn mask_paths() -> Result<()> {
+    for p in MASKED {
+        let p = Path::new(p);
+        let md = match std::fs::metadata(p) {
+            Ok(m) => m,
+            Err(_) => continue,
+        };
+        if md.is_dir() {
+            mnt(
+                Some("tmpfs"),
+                p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0"),
+            )
+            .or_else(|_| mnt(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, None))?;
+        } else {
+            mnt(Some("/dev/null"), p, None, MsFlags::MS_BIND, None)?;
+        }
+    }
+    let locked = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for p in READONLY {
+        let p = Path::new(p);
+        if !p.exists() {
+            continue;
+        }
+        mnt(
+            Some(p.to_str().unwrap_or_default()),
+            p,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        // Flags locked by a user namespace (from the proc mount) must be kept.
+        mnt(
+            None,
+            p,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | locked,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// The working directory, created (as root) when the image lacks it, like runc does.
+pub fn ensure_dir(p: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(if p.is_empty() { "/" } else { p });
+    if !p.is_dir() {
+        mkdir_p(&p)?;
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RootfsSpec {
+        RootfsSpec {
+            lowerdirs: vec!["/img/b".into(), "/img/a".into()],
+            upperdir: "/c/up".into(),
+            workdir: "/c/work".into(),
+            mountpoint: "/c/root".into(),
+        }
+    }
+
+    #[test]
+    fn overlay_option_string() {
+        assert_eq!(
+            overlay_options(&spec()),
+            "lowerdir=/img/b:/img/a,upperdir=/c/up,workdir=/c/work"
+        );
+    }
+
+    #[test]
+    fn validation() {
+        assert!(validate(&spec()).is_ok());
+        let mut s = spec();
+        s.lowerdirs.clear();
+        assert!(validate(&s).is_err());
+        let mut s = spec();
+        s.upperdir = "/a,b".into();
+        assert!(validate(&s).is_err());
+        let mut s = spec();
+        s.lowerdirs[0] = "rel".into();
+        assert!(validate(&s).is_err());
+        let mut s = spec();
+        s.mountpoint = "/".into();
+        assert!(validate(&s).is_err());
+    }
+}

@@ -1,0 +1,422 @@
+//! Root-only end-to-end tests: real containers on a busybox rootfs.
+//! `harness = false`: this binary is also the re-executed container init helper.
+
+use ltv_containers::cgroups::{self, Layout};
+use ltv_containers::process::{self, Error, Started, Stdio, INIT_ARG};
+use ltv_containers::security;
+use ltv_containers::spec::*;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(INIT_ARG) {
+        process::init_main();
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("runtime tests: skipped (need root)");
+        return;
+    }
+    if !Path::new("/bin/busybox").exists() {
+        eprintln!("runtime tests: skipped (no /bin/busybox)");
+        return;
+    }
+    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
+    type Test = (&'static str, fn(&Env));
+    let tests: &[Test] = &[
+        (
+            "container_basics_exec_destroy",
+            container_basics_exec_destroy,
+        ),
+        ("missing_command_cleans_up", missing_command_cleans_up),
+        ("user_namespace", user_namespace),
+    ];
+    let env = Env::new();
+    let mut failed = 0;
+    for (name, f) in tests {
+        if filter.as_deref().is_some_and(|x| !name.contains(x)) {
+            continue;
+        }
+        eprintln!("test {name} ...");
+        let r = std::panic::catch_unwind(|| f(&env));
+        match r {
+            Ok(()) => eprintln!("test {name} ... ok"),
+            Err(_) => {
+                eprintln!("test {name} ... FAILED");
+                failed += 1;
+            }
+        }
+    }
+    env.cleanup();
+    drop(env);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    lower: PathBuf,
+    cg_parent: String,
+    specs: std::sync::Mutex<Vec<ContainerSpec>>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("ltv-rt-")
+            .tempdir()
+            .unwrap();
+        // A user-namespaced container must be able to walk down to its rootfs.
+        chmod(dir.path(), 0o755);
+        let lower = dir.path().join("lower");
+        let bin = lower.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for d in ["etc", "tmp", "proc", "sys", "dev", "root"] {
+            std::fs::create_dir_all(lower.join(d)).unwrap();
+        }
+        chmod(&lower.join("tmp"), 0o1777);
+        std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+        for a in [
+            "sh", "true", "echo", "cat", "hostname", "id", "ls", "sleep", "grep", "head",
+        ] {
+            std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
+        }
+        std::fs::write(bin.join("notexec"), "#!/bin/sh\n").unwrap();
+        let cg_parent = format!("ltv-test/{}-{}", std::process::id(), nanos());
+        Env {
+            dir,
+            lower,
+            cg_parent,
+            specs: Default::default(),
+        }
+    }
+
+    fn spec(&self, name: &str, args: &[&str]) -> ContainerSpec {
+        let c = self.dir.path().join(name);
+        let s = ContainerSpec {
+            name: name.into(),
+            hostname: format!("host-{name}"),
+            rootfs: RootfsSpec {
+                lowerdirs: vec![self.lower.clone()],
+                upperdir: c.join("upper"),
+                workdir: c.join("work"),
+                mountpoint: c.join("rootfs"),
+            },
+            process: ProcessSpec {
+                args: args.iter().map(|s| s.to_string()).collect(),
+                env: vec!["PATH=/bin".into(), "HOME=/root".into()],
+                cwd: "/".into(),
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![],
+                tty: false,
+            },
+            limits: Limits {
+                memory_bytes: Some(64 << 20),
+                cpus: Some(0.5),
+                pids: Some(100),
+            },
+            cgroup: format!("{}/{name}", self.cg_parent),
+            network: NetworkMode::Loopback,
+            idmap: None,
+        };
+        self.specs.lock().unwrap().push(s.clone());
+        s
+    }
+
+    fn cleanup(&self) {
+        // Whatever a failed test left behind.
+        for s in self.specs.lock().unwrap().iter() {
+            if let Err(e) = process::destroy(s) {
+                eprintln!("cleanup {}: {e}", s.name);
+            }
+        }
+        // Our per-run parent groups; the shared `ltv-test` only if empty.
+        for root in cgroup_roots() {
+            let _ = std::fs::remove_dir(root.join(&self.cg_parent));
+            let _ = std::fs::remove_dir(root.join("ltv-test"));
+        }
+        let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !m.contains(self.dir.path().to_str().unwrap()),
+            "mounts left under the test dir"
+        );
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn cgroup_roots() -> Vec<PathBuf> {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut v = Vec::new();
+    for l in m.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        let Some(dash) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        if f[dash + 1].starts_with("cgroup") {
+            v.push(PathBuf::from(f[4]));
+        }
+    }
+    v
+}
+
+/// A cgroup directory of `spec` exists somewhere.
+fn cgroup_dirs(spec: &ContainerSpec) -> Vec<PathBuf> {
+    cgroup_roots()
+        .into_iter()
+        .map(|r| r.join(&spec.cgroup))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// stdin from /dev/null, stdout+stderr into one pipe; returns the read end.
+fn stdio() -> (Stdio, OwnedFd) {
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+    let w2 = w.try_clone().unwrap();
+    (
+        Stdio {
+            stdin: null,
+            stdout: w,
+            stderr: w2,
+        },
+        r,
+    )
+}
+
+fn read_all(fd: OwnedFd) -> String {
+    let mut s = String::new();
+    std::fs::File::from(fd).read_to_string(&mut s).unwrap();
+    s
+}
+
+/// Reads until a line equal to `marker`.
+fn read_until(f: &mut std::fs::File, marker: &str) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = f.read(&mut b).unwrap();
+        assert!(
+            n == 1,
+            "EOF before {marker:?}: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.push(b[0]);
+        if out.ends_with(format!("{marker}\n").as_bytes()) {
+            return String::from_utf8(out).unwrap();
+        }
+    }
+}
+
+fn wait(pid: i32) -> i32 {
+    let mut st = 0;
+    let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+    assert_eq!(r, pid);
+    if libc::WIFEXITED(st) {
+        libc::WEXITSTATUS(st)
+    } else {
+        128 + libc::WTERMSIG(st)
+    }
+}
+
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key:?} in output:\n{out}"))
+        .trim()
+}
+
+fn assert_gone(spec: &ContainerSpec) {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mp = spec.rootfs.mountpoint.to_str().unwrap();
+    assert!(!m.contains(mp), "mount left at {mp}:\n{m}");
+    assert_eq!(cgroup_dirs(spec), Vec::<PathBuf>::new(), "cgroup dirs left");
+}
+
+const REPORT: &str = "echo hostname=$(hostname); echo pid=$$; \
+    read s1 rest < /proc/self/stat; echo stat1=$s1; \
+    echo ifaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); \
+    grep -E '^(CapEff|CapBnd|CapPrm|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status; \
+    echo dev=$(ls /dev | tr '\\n' ,); echo id=$(id); echo cwd=$(pwd); \
+    echo sysro=$(touch /sys/x 2>&1 | grep -c Read-only); \
+    echo procsysro=$(grep -c ' /proc/sys ro,' /proc/self/mountinfo); \
+    echo END";
+
+fn container_basics_exec_destroy(env: &Env) {
+    for a in ["cut", "tail", "tr", "touch", "pwd"] {
+        let _ = std::os::unix::fs::symlink("busybox", env.lower.join("bin").join(a));
+    }
+    let spec = env.spec(
+        "basic",
+        &["sh", "-c", &format!("{REPORT}; exec sleep 1000")],
+    );
+    let (io, r) = stdio();
+    let Started { pid, start_time } = process::start(&spec, io).expect("start");
+    assert_eq!(process::proc_start_time(pid), Some(start_time));
+    let mut f = std::fs::File::from(r);
+    let out = read_until(&mut f, "END");
+    eprint!("{out}");
+    assert_eq!(field(&out, "hostname="), "host-basic");
+    assert_eq!(field(&out, "pid="), "1");
+    assert_eq!(field(&out, "ifaces="), "lo,");
+    let cap_eff = u64::from_str_radix(field(&out, "CapEff:"), 16).unwrap();
+    assert_eq!(cap_eff, security::default_caps_mask());
+    assert_eq!(
+        u64::from_str_radix(field(&out, "CapBnd:"), 16).unwrap(),
+        security::default_caps_mask()
+    );
+    assert_eq!(field(&out, "CapAmb:"), "0000000000000000");
+    assert_eq!(field(&out, "NoNewPrivs:"), "1");
+    assert_eq!(field(&out, "Seccomp:"), "2");
+    let dev = field(&out, "dev=");
+    for d in [
+        "null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm", "fd",
+    ] {
+        assert!(dev.split(',').any(|x| x == d), "/dev lacks {d}: {dev}");
+    }
+    assert!(
+        field(&out, "id=").starts_with("uid=0(root) gid=0(root)")
+            || field(&out, "id=").starts_with("uid=0 gid=0")
+    );
+    assert_eq!(field(&out, "sysro="), "1");
+    assert_eq!(field(&out, "stat1="), "1");
+    assert_eq!(field(&out, "procsysro="), "1");
+
+    // Limits were written.
+    match Layout::detect() {
+        Layout::V2 => {
+            let d = Path::new("/sys/fs/cgroup").join(&spec.cgroup);
+            assert_eq!(
+                std::fs::read_to_string(d.join("memory.max"))
+                    .unwrap()
+                    .trim(),
+                "67108864"
+            );
+        }
+        _ => {
+            let d = Path::new("/sys/fs/cgroup/memory").join(&spec.cgroup);
+            let v = std::fs::read_to_string(d.join("memory.limit_in_bytes")).unwrap();
+            assert_eq!(v.trim(), "67108864");
+            let q = Path::new("/sys/fs/cgroup/cpu")
+                .join(&spec.cgroup)
+                .join("cpu.cfs_quota_us");
+            assert_eq!(std::fs::read_to_string(q).unwrap().trim(), "50000");
+        }
+    }
+    let cg = cgroups::manager(&spec.cgroup);
+    assert!(cg.processes().unwrap().contains(&pid));
+    let st = cg.stats().unwrap();
+    assert!(st.pids >= 1 && st.memory_limit == Some(64 << 20), "{st:?}");
+
+    // exec: exit codes, namespaces, stdout.
+    let p = |args: &[&str]| ProcessSpec {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        ..spec.process.clone()
+    };
+    let (io, r) = stdio();
+    let e = process::exec(&spec, pid, &p(&["sh", "-c", "exit 7"]), io).expect("exec");
+    drop(r);
+    assert_eq!(wait(e.pid), 7);
+    let (io, r) = stdio();
+    let e = process::exec(
+        &spec,
+        pid,
+        &p(&["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; grep -E '^(CapEff|Seccomp)' /proc/self/status"]),
+        io,
+    )
+    .expect("exec");
+    assert_eq!(wait(e.pid), 0);
+    let out = read_all(r);
+    eprint!("{out}");
+    assert!(out.starts_with("host-basic\nsleep 1000"), "{out}");
+    assert_eq!(
+        u64::from_str_radix(field(&out, "CapEff:"), 16).unwrap(),
+        cap_eff
+    );
+    assert_eq!(field(&out, "Seccomp:"), "2");
+    // A killed exec'd process: 128+9.
+    let (io, r) = stdio();
+    let e = process::exec(&spec, pid, &p(&["sh", "-c", "kill -9 $$"]), io).expect("exec");
+    drop(r);
+    assert_eq!(wait(e.pid), 137);
+    // Missing command.
+    let (io, _r) = stdio();
+    match process::exec(&spec, pid, &p(&["nope"]), io) {
+        Err(Error::CommandNotFound(m)) => {
+            assert_eq!(m, "exec: \"nope\": executable file not found in $PATH")
+        }
+        other => panic!("expected CommandNotFound, got {other:?}"),
+    }
+
+    process::destroy(&spec).expect("destroy");
+    assert_eq!(wait(pid), 137);
+    assert_gone(&spec);
+    process::destroy(&spec).expect("destroy is idempotent");
+}
+
+fn missing_command_cleans_up(env: &Env) {
+    let spec = env.spec("missing", &["does-not-exist"]);
+    let (io, _r) = stdio();
+    match process::start(&spec, io) {
+        Err(Error::CommandNotFound(m)) => {
+            assert_eq!(
+                m,
+                "exec: \"does-not-exist\": executable file not found in $PATH"
+            )
+        }
+        other => panic!("expected CommandNotFound, got {other:?}"),
+    }
+    assert_gone(&spec);
+    let spec = env.spec("noexec", &["/bin/notexec"]);
+    let (io, _r) = stdio();
+    assert!(matches!(
+        process::start(&spec, io),
+        Err(Error::CommandNotExecutable(_))
+    ));
+    assert_gone(&spec);
+    // A broken spec fails before anything is created.
+    let mut spec = env.spec("bad", &["true"]);
+    spec.cgroup = "../escape".into();
+    let (io, _r) = stdio();
+    assert!(matches!(
+        process::start(&spec, io),
+        Err(Error::InvalidSpec(_))
+    ));
+}
+
+fn user_namespace(env: &Env) {
+    let mut spec = env.spec(
+        "userns",
+        &["sh", "-c", "id; cat /proc/self/uid_map; echo ok > /tmp/f && echo wrote; grep CapEff /proc/self/status; echo $$"],
+    );
+    spec.idmap = Some(IdMap {
+        host_uid: 200000,
+        host_gid: 200000,
+        size: 65536,
+    });
+    spec.network = NetworkMode::None;
+    let (io, r) = stdio();
+    let s = process::start(&spec, io).expect("start userns");
+    let code = wait(s.pid);
+    let out = read_all(r);
+    eprint!("{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("uid=0"), "{out}");
+    assert!(out.contains("200000"), "{out}");
+    assert!(out.contains("wrote"), "{out}");
+    process::destroy(&spec).expect("destroy");
+    assert_gone(&spec);
+}
