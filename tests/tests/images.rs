@@ -125,7 +125,10 @@ fn oci_layout(dir: &Path, corrupt: bool) -> PathBuf {
     };
     let (dc, d1, d2) = (put(&cfg), put(&g1), put(&g2));
     if corrupt {
-        std::fs::write(blobs.join(&d2), b"not the layer").unwrap();
+        // Another gzip mtime: the same layer to gzip, but only the digest can tell.
+        let mut broken = g2.clone();
+        broken[4] ^= 0xff;
+        std::fs::write(blobs.join(&d2), broken).unwrap();
     }
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,

@@ -121,19 +121,11 @@ async fn server_info(State(d): D) -> Json<ServerInfo> {
     })
 }
 
-// Swapped for ltv_vmm's detection once the VMM crate exports it.
 fn kvm_flavour() -> &'static str {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        "none"
-    } else if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        "pvm"
-    } else {
-        "hardware"
+    match ltv_vmm::kvm_flavour() {
+        ltv_vmm::Flavour::Hardware => "hardware",
+        ltv_vmm::Flavour::Pvm => "pvm",
+        ltv_vmm::Flavour::None => "none",
     }
 }
 
