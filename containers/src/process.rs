@@ -163,21 +163,34 @@ impl Helper {
         })
     }
 
-    /// Releases the helper (one sync byte), sends the message and closes the pipe.
+    /// Lets the child exec the helper (one sync byte). The helper then blocks reading the
+    /// message, so the cgroup move can overlap with its execve.
+    fn release(&mut self) -> Result<(), Error> {
+        self.write_ctl(b"G", false)
+    }
+
+    /// Sends the message and closes the pipe.
     fn send(&mut self, msg: &InitMsg) -> Result<(), Error> {
-        let mut buf = vec![b'G'];
-        serde_json::to_writer(&mut buf, msg)
-            .map_err(|e| setup("encode spec")(std::io::Error::other(e)))?;
+        let buf =
+            serde_json::to_vec(msg).map_err(|e| setup("encode spec")(std::io::Error::other(e)))?;
+        self.write_ctl(&buf, true)
+    }
+
+    fn write_ctl(&mut self, buf: &[u8], close: bool) -> Result<(), Error> {
         let Some(fd) = self.ctl.take() else {
             return Ok(());
         };
         let mut f = std::fs::File::from(fd);
         // EPIPE means the helper died: its status (if any) tells why.
-        match f.write_all(&buf) {
+        let r = match f.write_all(buf) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
             Err(e) => Err(setup("send spec to container init")(e)),
+        };
+        if !close {
+            self.ctl = Some(f.into());
         }
+        r
     }
 
     /// Waits for EOF on the status pipe; Ok when the command was executed.
@@ -299,6 +312,7 @@ fn start_inner(
     if let Some(m) = &spec.idmap {
         namespaces::write_id_maps(h.pid, m).map_err(setup("write user namespace id maps"))?;
     }
+    h.release()?;
     cg.add_process(h.pid).map_err(setup("add init to cgroup"))?;
     let start_time = proc_start_time(h.pid)
         .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
@@ -325,6 +339,7 @@ pub fn exec(
     let cg = cgroups::manager(&spec.cgroup);
     let mut h = Helper::spawn(stdio, 0)?;
     let r = (|| {
+        h.release()?;
         cg.add_process(h.pid)
             .map_err(setup("add exec helper to cgroup"))?;
         let start_time = proc_start_time(h.pid)

@@ -272,13 +272,12 @@ fn setup_dev(dev: &Path, tty: bool) -> Result<()> {
     if tty {
         let console = dev.join("console");
         touch(&console)?;
-        mnt(
-            Some("/proc/self/fd/0"),
-            &console,
-            None,
-            MsFlags::MS_BIND,
-            None,
-        )?;
+        // Bind by path: the fd's own mount belongs to the parent's namespace (EINVAL).
+        let pts = std::fs::read_link("/proc/self/fd/0")
+            .map_err(|e| err("find terminal of stdin".into(), e))?;
+        if pts.is_absolute() && pts.exists() {
+            mnt(pts.to_str(), &console, None, MsFlags::MS_BIND, None)?;
+        }
     }
     Ok(())
 }

@@ -31,6 +31,9 @@ fn main() {
         ),
         ("missing_command_cleans_up", missing_command_cleans_up),
         ("user_namespace", user_namespace),
+        ("tty", tty),
+        ("cgroup_v2_on_real_mount", cgroup_v2_on_real_mount),
+        ("timing", timing),
     ];
     let env = Env::new();
     let mut failed = 0;
@@ -79,7 +82,8 @@ impl Env {
         chmod(&lower.join("tmp"), 0o1777);
         std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
         for a in [
-            "sh", "true", "echo", "cat", "hostname", "id", "ls", "sleep", "grep", "head",
+            "sh", "true", "echo", "cat", "hostname", "id", "ls", "sleep", "grep", "head", "test",
+            "mknod", "cut", "tail", "tr", "touch", "pwd",
         ] {
             std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
         }
@@ -252,13 +256,11 @@ const REPORT: &str = "echo hostname=$(hostname); echo pid=$$; \
     grep -E '^(CapEff|CapBnd|CapPrm|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status; \
     echo dev=$(ls /dev | tr '\\n' ,); echo id=$(id); echo cwd=$(pwd); \
     echo sysro=$(touch /sys/x 2>&1 | grep -c Read-only); \
+    mknod /tmp/blk b 8 0 && head -c1 /tmp/blk >/dev/null 2>&1; echo blk=$?; \
     echo procsysro=$(grep -c ' /proc/sys ro,' /proc/self/mountinfo); \
     echo END";
 
 fn container_basics_exec_destroy(env: &Env) {
-    for a in ["cut", "tail", "tr", "touch", "pwd"] {
-        let _ = std::os::unix::fs::symlink("busybox", env.lower.join("bin").join(a));
-    }
     let spec = env.spec(
         "basic",
         &["sh", "-c", &format!("{REPORT}; exec sleep 1000")],
@@ -294,6 +296,10 @@ fn container_basics_exec_destroy(env: &Env) {
     assert_eq!(field(&out, "sysro="), "1");
     assert_eq!(field(&out, "stat1="), "1");
     assert_eq!(field(&out, "procsysro="), "1");
+    // mknod is allowed (Docker's set) but the devices cgroup refuses a disk.
+    if Layout::detect() != Layout::V2 {
+        assert_ne!(field(&out, "blk="), "0");
+    }
 
     // Limits were written.
     match Layout::detect() {
@@ -400,7 +406,7 @@ fn missing_command_cleans_up(env: &Env) {
 fn user_namespace(env: &Env) {
     let mut spec = env.spec(
         "userns",
-        &["sh", "-c", "id; cat /proc/self/uid_map; echo ok > /tmp/f && echo wrote; grep CapEff /proc/self/status; echo $$"],
+        &["sh", "-c", "id; cat /proc/self/uid_map; echo ok > /tmp/f && echo wrote; grep CapEff /proc/self/status; echo $$; sleep 2"],
     );
     spec.idmap = Some(IdMap {
         host_uid: 200000,
@@ -410,6 +416,17 @@ fn user_namespace(env: &Env) {
     spec.network = NetworkMode::None;
     let (io, r) = stdio();
     let s = process::start(&spec, io).expect("start userns");
+    let (io2, r2) = stdio();
+    let mut p = spec.process.clone();
+    p.args = vec![
+        "sh".into(),
+        "-c".into(),
+        "cat /proc/self/uid_map; id -u".into(),
+    ];
+    let e = process::exec(&spec, s.pid, &p, io2).expect("exec in userns");
+    assert_eq!(wait(e.pid), 0);
+    let o = read_all(r2);
+    assert!(o.contains("200000") && o.ends_with("\n0\n"), "{o}");
     let code = wait(s.pid);
     let out = read_all(r);
     eprint!("{out}");
@@ -419,4 +436,93 @@ fn user_namespace(env: &Env) {
     assert!(out.contains("wrote"), "{out}");
     process::destroy(&spec).expect("destroy");
     assert_gone(&spec);
+}
+
+fn tty(env: &Env) {
+    let mut spec = env.spec(
+        "tty",
+        &[
+            "sh",
+            "-c",
+            "test -t 0 && echo istty; test -c /dev/console && echo console; echo END",
+        ],
+    );
+    spec.process.tty = true;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let io = Stdio {
+        stdin: pty.slave.try_clone().unwrap(),
+        stdout: pty.slave.try_clone().unwrap(),
+        stderr: pty.slave,
+    };
+    let s = process::start(&spec, io).expect("start with tty");
+    assert_eq!(wait(s.pid), 0);
+    let mut f = std::fs::File::from(pty.master);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    // EIO once the last slave descriptor is gone.
+    while let Ok(n) = f.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let out = String::from_utf8_lossy(&out);
+    eprint!("{out}");
+    assert!(out.contains("istty") && out.contains("console"), "{out}");
+    process::destroy(&spec).expect("destroy");
+    assert_gone(&spec);
+}
+
+/// The hybrid host's cgroup2 mount (hugetlb only) still exercises the real v2 file
+/// semantics: mkdir, cgroup.procs, cgroup.kill, rmdir.
+fn cgroup_v2_on_real_mount(env: &Env) {
+    let root = Path::new("/sys/fs/cgroup/unified");
+    let root = if Layout::detect() == Layout::V2 {
+        Path::new("/sys/fs/cgroup")
+    } else if root.join("cgroup.procs").exists() {
+        root
+    } else {
+        eprintln!("no cgroup2 mount: skipped");
+        return;
+    };
+    use ltv_containers::cgroups::CgroupManager;
+    let path = format!("{}/v2", env.cg_parent);
+    let m = cgroups::v2::V2Manager::new(root, &path);
+    m.create().unwrap();
+    assert!(m.exists());
+    m.apply(&Limits::default()).unwrap();
+    let mut child = std::process::Command::new("/bin/busybox")
+        .args(["sleep", "100"])
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    m.add_process(pid).unwrap();
+    assert_eq!(m.processes().unwrap(), vec![pid]);
+    assert!(m.stats().unwrap().pids >= 1);
+    m.kill_all().unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+    m.remove().unwrap();
+    assert!(!m.exists());
+    let _ = std::fs::remove_dir(root.join(&env.cg_parent));
+}
+
+/// Prints start-to-exit and destroy times of `/bin/true` (informational).
+fn timing(env: &Env) {
+    let mut t = Vec::new();
+    for i in 0..5 {
+        let spec = env.spec(&format!("timing{i}"), &["true"]);
+        let (io, _r) = stdio();
+        let t0 = std::time::Instant::now();
+        let s = process::start(&spec, io).expect("start");
+        let t1 = t0.elapsed();
+        assert_eq!(wait(s.pid), 0);
+        let t2 = t0.elapsed();
+        process::destroy(&spec).expect("destroy");
+        t.push((t1, t2, t0.elapsed()));
+        assert_gone(&spec);
+    }
+    for (a, b, c) in &t {
+        eprintln!("start {a:?}, exited {b:?}, destroyed {c:?}");
+    }
 }
