@@ -19,10 +19,13 @@ pub enum MemoryError {
 
 /// Allocates guest RAM of `mem_size` bytes, split around the MMIO gap.
 pub fn create_guest_memory(mem_size: u64, hugepages: bool) -> Result<GuestMemoryMmap, MemoryError> {
-    let mut flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE;
-    if hugepages {
-        flags |= libc::MAP_HUGETLB;
-    }
+    // Hugetlb mappings must reserve up front: without a reservation a missing hugepage is a
+    // SIGBUS on first touch instead of a clean mmap error here.
+    let flags = if hugepages {
+        libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_HUGETLB
+    } else {
+        libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE
+    };
     let mut regions = Vec::new();
     for (start, size) in ram_regions(mem_size) {
         let mapping = MmapRegionBuilder::new(size as usize)

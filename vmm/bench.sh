@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Boot-time and overhead benchmark: ltv-vmm vs QEMU -M microvm, same vmlinux/initrd/cmdline.
+#
+#   vmm/bench.sh [VMLINUX [INITRAMFS]]     (defaults: newest /var/cache/ltv/kernel/*/vmlinux,
+#                                           a fresh guest-kernel/initramfs.sh cpio)
+#   RUNS=1 MEM=128 SKIP_QEMU=1 TIMEOUT=240  (environment knobs)
+#
+# Per run it reports: wall time from exec to the first `LTV-READY` console line, wall time to
+# process exit (guest `poweroff -f`), the VMM's PSS at LTV-READY minus the PSS of the guest-RAM
+# mapping (the monitor's own memory), and, for ltv-vmm, CPU time from exec to the first KVM_RUN.
+# Each boot has a timeout and only processes started here are ever killed.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+RUNS="${RUNS:-1}" MEM="${MEM:-128}" TIMEOUT="${TIMEOUT:-240}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-vmm}"
+
+VMLINUX="${1:-$(ls -t /var/cache/ltv/kernel/*/vmlinux 2>/dev/null | head -1 || true)}"
+[[ -f $VMLINUX ]] || { echo "no vmlinux (build guest-kernel/build.sh or pass one)" >&2; exit 1; }
+WORK="$(mktemp -d /tmp/ltv-bench.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+INITRD="${2:-}"
+if [[ -z $INITRD ]]; then
+    INITRD="$WORK/initramfs.cpio"
+    bash "$ROOT/guest-kernel/initramfs.sh" "$INITRD" >/dev/null
+fi
+cargo build -q -j1 --release -p ltv-vmm --bin ltv-vmm
+VMM="$CARGO_TARGET_DIR/release/ltv-vmm"
+command -v qemu-system-x86_64 >/dev/null || SKIP_QEMU=1
+
+COMPAT='noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv ltv_pvm_compat'
+BASE="console=ttyS0 reboot=t quiet ltv.init=poweroff"
+# ltv-vmm appends the compat switches itself on PVM (and panic=1 pci=off); give QEMU the same.
+QEMU_APPEND="$BASE panic=1 pci=off"
+grep -qs kvm_pvm /proc/modules || [[ -d /sys/module/kvm_pvm ]] && QEMU_APPEND="$QEMU_APPEND $COMPAT"
+
+echo "vmlinux: $VMLINUX"
+echo "initrd:  $INITRD ($(stat -c %s "$INITRD") bytes), memory ${MEM} MiB, 1 vCPU"
+
+WORK="$WORK" VMM="$VMM" VMLINUX="$VMLINUX" INITRD="$INITRD" MEM="$MEM" BASE="$BASE" \
+QEMU_APPEND="$QEMU_APPEND" RUNS="$RUNS" TIMEOUT="$TIMEOUT" SKIP_QEMU="${SKIP_QEMU:-}" \
+python3 - <<'PY'
+import json, os, re, selectors, subprocess, time
+E = os.environ
+mem = int(E['MEM'])
+
+def smaps_overhead(pid):
+    """(total PSS kB, guest-RAM mapping PSS kB) from /proc/PID/smaps."""
+    total, guest, best = 0, 0, None
+    cur = None
+    try:
+        text = open(f'/proc/{pid}/smaps').read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if re.match(r'^[0-9a-f]+-[0-9a-f]+ ', line):
+            cur = {}
+            continue
+        k, _, v = line.partition(':')
+        if k in ('Size', 'Pss') and cur is not None:
+            cur[k] = int(v.split()[0])
+            if k == 'Pss':
+                total += cur['Pss']
+                # The guest RAM mapping: the one anonymous mapping of about MEM MiB.
+                if cur['Size'] >= mem * 1024 and (best is None or cur['Size'] < best):
+                    best, guest = cur['Size'], cur['Pss']
+    return total, guest
+
+def run(name, cmd, env=None):
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ, 'out')
+    sel.register(p.stderr, selectors.EVENT_READ, 'err')
+    ready = mem_at_ready = None
+    buf = {'out': b'', 'err': b''}
+    err_lines = []
+    open_streams = 2
+    while open_streams and time.monotonic() - t0 < float(E['TIMEOUT']):
+        for key, _ in sel.select(timeout=1.0):
+            chunk = os.read(key.fileobj.fileno(), 65536)
+            if not chunk:
+                sel.unregister(key.fileobj); open_streams -= 1; continue
+            buf[key.data] += chunk
+            *lines, buf[key.data] = buf[key.data].split(b'\n')
+            for l in lines:
+                if key.data == 'err':
+                    err_lines.append(l.decode(errors='replace'))
+                elif ready is None and b'LTV-READY' in l:
+                    ready = time.monotonic() - t0
+                    mem_at_ready = smaps_overhead(p.pid)
+    try:
+        rc = p.wait(timeout=max(1, float(E['TIMEOUT']) - (time.monotonic() - t0)))
+    except subprocess.TimeoutExpired:
+        p.kill(); rc = p.wait(); rc = f'killed after timeout ({rc})'
+    exit_t = time.monotonic() - t0
+    ru = None
+    cpu = next((l for l in err_lines if 'timing:' in l), None)
+    res = {'vmm': name, 'ready_s': ready and round(ready, 2), 'exit_s': round(exit_t, 2), 'rc': rc}
+    if mem_at_ready:
+        total, guest = mem_at_ready
+        res.update(pss_kb=total, guest_ram_pss_kb=guest, vmm_overhead_kb=total - guest)
+    if cpu:
+        res['startup'] = cpu.split('timing: ', 1)[1]
+    if rc != 0 or ready is None:
+        res['stderr_tail'] = err_lines[-5:]
+    print(json.dumps(res), flush=True)
+    return res
+
+w = E['WORK']
+for i in range(int(E['RUNS'])):
+    cfg = {'kernel': E['VMLINUX'], 'initrd': E['INITRD'], 'cmdline': E['BASE'],
+           'memory_mib': mem, 'vcpus': 1, 'console_log': f'{w}/ltv-console.log',
+           'console_stdout': True}
+    json.dump(cfg, open(f'{w}/vm.json', 'w'))
+    env = dict(os.environ, LTV_VMM_TIMING='1')
+    run('ltv-vmm', [E['VMM'], '--config', f'{w}/vm.json'], env)
+    if not E.get('SKIP_QEMU'):
+        run('qemu-microvm', ['qemu-system-x86_64', '-M', 'microvm,acpi=off,x-option-roms=off',
+             '-enable-kvm', '-cpu', 'host', '-m', str(mem), '-smp', '1', '-nodefaults',
+             '-no-user-config', '-nographic', '-no-reboot', '-serial', 'stdio',
+             '-kernel', E['VMLINUX'], '-initrd', E['INITRD'], '-append', E['QEMU_APPEND']])
+PY
