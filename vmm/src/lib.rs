@@ -47,6 +47,13 @@ pub enum VmmEvent {
 /// (0 clean stop, 1 guest/internal error, 2 bad config). Never panics on bad input.
 pub fn vmm_main(config_path: &Path) -> i32 {
     let started = std::time::Instant::now();
+    let term = match TermSignals::block() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ltv-vmm: blocking SIGTERM/SIGINT: {e}");
+            return EXIT_ERROR;
+        }
+    };
     let cfg = match VmConfig::from_file(config_path).and_then(VmConfig::validate) {
         Ok(c) => c,
         Err(e) => {
@@ -81,6 +88,7 @@ pub fn vmm_main(config_path: &Path) -> i32 {
         cfg.config.memory_mib,
         vm.cmdline
     );
+    term.forward_to(vm.events_tx.clone());
     match vmm::Vmm::start(vm) {
         Ok(v) => v.run(),
         Err(e) => {
@@ -99,4 +107,47 @@ fn process_cpu_ms() -> f64 {
     };
     let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// SIGTERM/SIGINT/SIGHUP become a `stop` request: blocked in every thread, taken by sigwait.
+struct TermSignals(libc::sigset_t);
+
+impl TermSignals {
+    /// Blocks the signals in this thread and every thread it spawns from now on.
+    fn block() -> std::io::Result<Self> {
+        // SAFETY: the sigset is initialised by sigemptyset before use.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+            Ok(TermSignals(set))
+        }
+    }
+
+    fn forward_to(self, events: Sender<VmmEvent>) {
+        let set = self.0;
+        let _ = std::thread::Builder::new()
+            .name("ltv-signals".into())
+            .spawn(move || loop {
+                let mut sig = 0;
+                // SAFETY: `set` is a valid, initialised sigset.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    return;
+                }
+                eprintln!("ltv-vmm: got signal {sig}, stopping the microVM");
+                let (tx, _rx) = std::sync::mpsc::channel();
+                if events
+                    .send(VmmEvent::Control(control::ControlRequest::Stop, tx))
+                    .is_err()
+                {
+                    return;
+                }
+            });
+    }
 }

@@ -123,6 +123,9 @@ impl RunControl {
     }
 }
 
+/// Set to print each vCPU's registers when the VMM stops it (where was a hung guest?).
+pub const DEBUG_ENV: &str = "LTV_VMM_DEBUG";
+
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
@@ -261,6 +264,13 @@ impl Vcpu {
         loop {
             self.fd.set_kvm_immediate_exit(0);
             if !ctl.wait_runnable() {
+                if std::env::var_os(DEBUG_ENV).is_some() {
+                    eprintln!(
+                        "ltv-vmm: vCPU {} stopped at {}",
+                        self.id,
+                        self.regs_summary()
+                    );
+                }
                 return None;
             }
             match self.fd.run() {
