@@ -189,9 +189,12 @@ impl Tracker {
             progress.stage(msg);
             return;
         }
+        // debootstrap alternates Retrieving/Validating per package: one stage, one count.
+        if verb == "Validating" {
+            return;
+        }
         let stage = match verb {
             "Retrieving" => "Retrieving packages",
-            "Validating" => "Validating packages",
             "Extracting" => "Extracting packages",
             "Unpacking" => "Unpacking packages",
             _ => "Configuring packages",
@@ -285,6 +288,8 @@ pub(super) fn build(
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // Own process group, so stragglers (dpkg in the chroot) can be killed with it.
+            libc::setpgid(0, 0);
             Ok(())
         });
     }
@@ -318,20 +323,40 @@ pub(super) fn build(
     drop(tx);
     let mut tracker = Tracker::default();
     let mut tail: std::collections::VecDeque<String> = Default::default();
-    for line in rx {
-        tracing::debug!("debootstrap: {line}");
-        tracker.line(&line, progress);
-        if tail.len() == 15 {
-            tail.pop_front();
+    let pgid = child.id() as libc::pid_t;
+    let mut status = None;
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(500)) {
+            Ok(line) => {
+                tracing::debug!("debootstrap: {line}");
+                tracker.line(&line, progress);
+                if tail.len() == 15 {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
-        tail.push_back(line);
+        if status.is_none() {
+            if let Ok(Some(st)) = child.try_wait() {
+                // If debootstrap was killed, its children would keep writing (and keep
+                // our pipes open): end the whole group.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                status = Some(st);
+            }
+        }
     }
     for r in readers {
         let _ = r.join();
     }
-    let status = child
-        .wait()
-        .map_err(|e| Error::Tool(format!("waiting for debootstrap: {e}")))?;
+    let status = match status {
+        Some(st) => st,
+        None => child
+            .wait()
+            .map_err(|e| Error::Tool(format!("waiting for debootstrap: {e}")))?,
+    };
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
     if !status.success() {
         // `tmp` is dropped here: mounts under it are detached and the tree removed.
         let log = tail.into_iter().collect::<Vec<_>>().join("\n");
