@@ -526,6 +526,9 @@ fn helper_prologue() -> InitResult<InitMsg> {
     unsafe {
         libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
         libc::fcntl(CTL_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        // Until the container command runs, /proc/PID/exe is the daemon binary: keep
+        // container processes from opening it (the CVE-2019-5736 pattern).
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         // Anything else inherited from the daemon must not reach the container.
         libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
     }
@@ -544,12 +547,14 @@ fn errno_str(e: nix::Error) -> std::io::Error {
 fn init_start(spec: &ContainerSpec) -> InitResult<std::convert::Infallible> {
     // Built first: a filter that cannot compile must fail before anything else.
     let filters = security::default_seccomp().map_err(|e| ("seccomp", e))?;
+    let cg_mounts = rootfs::CgroupMounts::detect().map_err(|e| ("rootfs", e))?;
     namespaces::unshare_cgroup().map_err(|e| ("unshare cgroup namespace", e))?;
     nix::unistd::sethostname(&spec.hostname).map_err(|e| ("set hostname", errno_str(e)))?;
     if spec.network == NetworkMode::Loopback {
         namespaces::loopback_up().map_err(|e| ("bring lo up", e))?;
     }
-    rootfs::setup(&spec.rootfs.mountpoint, spec.process.tty).map_err(|e| ("rootfs", e))?;
+    rootfs::setup(&spec.rootfs.mountpoint, spec.process.tty, &cg_mounts)
+        .map_err(|e| ("rootfs", e))?;
     session(spec.process.tty)?;
     finish_and_exec(&spec.process, &filters)
 }

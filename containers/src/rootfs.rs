@@ -159,7 +159,7 @@ const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Builds the container's view under `root` (the overlay mountpoint), in a fresh mount
 /// namespace, then makes it `/`. `tty` binds the terminal on fd 0 at /dev/console.
-pub fn setup(root: &Path, tty: bool) -> Result<()> {
+pub fn setup(root: &Path, tty: bool, cg: &CgroupMounts) -> Result<()> {
     let nsfl = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     // Nothing we mount may leak back to the host.
     mnt(
@@ -179,6 +179,13 @@ pub fn setup(root: &Path, tty: bool) -> Result<()> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )?;
+    // Device nodes made inside the container stay unusable (no device cgroup on v2);
+    // the /dev entries are binds of host nodes and keep their own mount's flags.
+    remount_bind_adding(root, MsFlags::MS_NODEV)?;
+    // A symlink here would point our mounts at host paths before pivot_root.
+    for d in ["proc", "sys", "dev"] {
+        refuse_symlink(&root.join(d))?;
+    }
 
     let proc_ = root.join("proc");
     mkdir_p(&proc_)?;
@@ -212,9 +219,107 @@ pub fn setup(root: &Path, tty: bool) -> Result<()> {
         )?;
     }
 
+    mount_cgroupfs(&sys.join("fs/cgroup"), cg)?;
     setup_dev(&root.join("dev"), tty)?;
     pivot(root)?;
     mask_paths()
+}
+
+fn refuse_symlink(p: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{} is a symlink in the image", p.display()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Adds `extra` to a bind mount's flags, keeping the ones it has (flags locked by a user
+/// namespace may not be cleared).
+fn remount_bind_adding(p: &Path, extra: MsFlags) -> Result<()> {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let st = statvfs(p).map_err(|e| nix_err(format!("statvfs {}", p.display()), e))?;
+    let f = st.flags();
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra;
+    for (have, ms) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(have) {
+            flags |= ms;
+        }
+    }
+    mnt(None, p, None, flags, None)
+}
+
+/// The host's cgroup mounts, captured before the helper enters its cgroup namespace
+/// (inside it, mountinfo shows the host hierarchies with non-`/` roots).
+pub struct CgroupMounts {
+    v2: bool,
+    /// v1: (directory name, exact superblock options) per hierarchy.
+    v1: Vec<(String, String)>,
+}
+
+impl CgroupMounts {
+    pub fn detect() -> Result<CgroupMounts> {
+        use crate::cgroups::{v1, Layout};
+        let mounts = mountinfo::read_self().map_err(|e| err("read mountinfo".into(), e))?;
+        let v2 = Layout::from_mounts(&mounts) == Layout::V2;
+        let mut list = Vec::new();
+        for h in v1::hierarchies(&mounts) {
+            let Some(m) = mounts.iter().find(|m| m.mount_point == h.mount_point) else {
+                continue;
+            };
+            let Some(name) = h.mount_point.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            // The exact option set of the existing hierarchy, or the kernel says EBUSY.
+            let opts: Vec<&str> = m
+                .super_options
+                .iter()
+                .map(String::as_str)
+                .filter(|o| *o != "rw" && *o != "ro")
+                .collect();
+            list.push((name.to_string(), opts.join(",")));
+        }
+        Ok(CgroupMounts { v2, v1: list })
+    }
+}
+
+/// A read-only view of the container's own cgroup (we are in its cgroup namespace), so
+/// programs can read their limits. v2: one cgroup2 mount; v1: a tmpfs with one mount per
+/// hierarchy, named like on the host.
+fn mount_cgroupfs(target: &Path, cg: &CgroupMounts) -> Result<()> {
+    let ro = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    if cg.v2 {
+        return mnt(Some("cgroup2"), target, Some("cgroup2"), ro, None);
+    }
+    let rw = ro - MsFlags::MS_RDONLY;
+    mnt(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        rw,
+        Some("mode=755,size=64k"),
+    )?;
+    for (name, opts) in &cg.v1 {
+        let t = target.join(name);
+        mkdir_p(&t)?;
+        mnt(Some("cgroup"), &t, Some("cgroup"), ro, Some(opts))?;
+    }
+    mnt(
+        None,
+        target,
+        None,
+        MsFlags::MS_REMOUNT | ro,
+        Some("mode=755,size=64k"),
+    )
 }
 
 fn setup_dev(dev: &Path, tty: bool) -> Result<()> {
@@ -223,7 +328,7 @@ fn setup_dev(dev: &Path, tty: bool) -> Result<()> {
         Some("tmpfs"),
         dev,
         Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
         Some("mode=755,size=65536k"),
     )?;
     for d in DEVICES {

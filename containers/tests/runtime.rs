@@ -257,6 +257,8 @@ const REPORT: &str = "echo hostname=$(hostname); echo pid=$$; \
     echo dev=$(ls /dev | tr '\\n' ,); echo id=$(id); echo cwd=$(pwd); \
     echo sysro=$(touch /sys/x 2>&1 | grep -c Read-only); \
     mknod /tmp/blk b 8 0 && head -c1 /tmp/blk >/dev/null 2>&1; echo blk=$?; \
+    echo cgmem=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null); \
+    echo cgro=$(touch /sys/fs/cgroup/x 2>&1 | grep -c Read-only); \
     echo procsysro=$(grep -c ' /proc/sys ro,' /proc/self/mountinfo); \
     echo END";
 
@@ -296,6 +298,8 @@ fn container_basics_exec_destroy(env: &Env) {
     assert_eq!(field(&out, "sysro="), "1");
     assert_eq!(field(&out, "stat1="), "1");
     assert_eq!(field(&out, "procsysro="), "1");
+    assert_eq!(field(&out, "cgmem="), "67108864");
+    assert_eq!(field(&out, "cgro="), "1");
     // mknod is allowed (Docker's set) but the devices cgroup refuses a disk.
     if Layout::detect() != Layout::V2 {
         assert_ne!(field(&out, "blk="), "0");
