@@ -668,3 +668,99 @@ fn image_build_debian_killed() {
         "mounts left under the store"
     );
 }
+
+#[test]
+fn image_import_nested_index_picks_host_platform() {
+    let t = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&t.path().join("store")).unwrap();
+    let layout = t.path().join("layout");
+    let digest = write_oci(&layout, &base_layers());
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mut real = index["manifests"][0].clone();
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    real["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+    // Picking any other entry fails: their blobs do not exist.
+    let other = serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": format!("sha256:{}", sha(b"nope")), "size": 4,
+        "platform": {"os": "linux", "architecture": "s390x"}});
+    let attest = serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": format!("sha256:{}", sha(b"att")), "size": 3,
+        "annotations": {"vnd.docker.reference.type": "attestation-manifest"}});
+    let inner = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [other, attest, real]
+    }))
+    .unwrap();
+    let idig = sha(&inner);
+    std::fs::write(layout.join("blobs/sha256").join(&idig), &inner).unwrap();
+    let outer = serde_json::json!({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": format!("sha256:{idig}"), "size": inner.len()}
+    ]});
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&outer).unwrap(),
+    )
+    .unwrap();
+    let info = store.import(&layout, &NoProgress).unwrap();
+    assert_eq!(info.fingerprint, digest);
+    check_tree(&info);
+}
+
+#[test]
+fn image_import_docker_save_with_oci_layout() {
+    // Newer `docker save`: an OCI layout plus a manifest.json pointing into blobs/.
+    let t = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&t.path().join("store")).unwrap();
+    let layout = t.path().join("layout");
+    let digest = write_oci(&layout, &base_layers());
+    let layers: Vec<String> = base_layers()
+        .iter()
+        .map(|(raw, gz)| {
+            format!(
+                "blobs/sha256/{}",
+                sha(&if *gz { gzip(raw) } else { raw.clone() })
+            )
+        })
+        .collect();
+    let manifest = serde_json::json!([{"Config": format!("blobs/sha256/{digest}"), "RepoTags": null, "Layers": layers}]);
+    std::fs::write(
+        layout.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let archive = t.path().join("save.tar");
+    tar_dir(&layout, &archive);
+    let info = store.import(&archive, &NoProgress).unwrap();
+    assert_eq!(info.fingerprint, digest);
+    assert!(info.source.starts_with("oci:"));
+    check_tree(&info);
+    // The same content as a plain docker-archive (OCI bits removed) gives the same image.
+    std::fs::remove_file(layout.join("index.json")).unwrap();
+    std::fs::remove_file(layout.join("oci-layout")).unwrap();
+    assert_eq!(
+        store.import(&layout, &NoProgress).unwrap().fingerprint,
+        digest
+    );
+}
+
+#[test]
+fn image_store_open_removes_stale_builds() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("store");
+    std::fs::create_dir_all(root.join(".tmp-999999999-0-0/rootfs/etc")).unwrap();
+    std::fs::write(root.join(".tmp-999999999-0-0/rootfs/etc/x"), b"x").unwrap();
+    let live = root.join(format!(".tmp-{}-0-0", std::process::id()));
+    std::fs::create_dir_all(&live).unwrap();
+    let store = ImageStore::open(&root).unwrap();
+    assert_eq!(
+        store_entries(&store),
+        vec![live.file_name().unwrap().to_string_lossy().into_owned()]
+    );
+    assert!(store.list().unwrap().is_empty());
+}
