@@ -34,6 +34,8 @@ fn main() {
         ("tty", tty),
         ("cgroup_v2_on_real_mount", cgroup_v2_on_real_mount),
         ("timing", timing),
+        // Last: it moves this process into a private mount namespace.
+        ("pure_v2_in_private_mount_ns", pure_v2_in_private_mount_ns),
     ];
     let env = Env::new();
     let mut failed = 0;
@@ -83,7 +85,7 @@ impl Env {
         std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
         for a in [
             "sh", "true", "echo", "cat", "hostname", "id", "ls", "sleep", "grep", "head", "test",
-            "mknod", "cut", "tail", "tr", "touch", "pwd",
+            "mknod", "cut", "tail", "tr", "touch", "pwd", "wc", "unshare", "mount",
         ] {
             std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
         }
@@ -259,6 +261,9 @@ const REPORT: &str = "echo hostname=$(hostname); echo pid=$$; \
     mknod /tmp/blk b 8 0 && head -c1 /tmp/blk >/dev/null 2>&1; echo blk=$?; \
     echo cgmem=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null); \
     echo cgro=$(touch /sys/fs/cgroup/x 2>&1 | grep -c Read-only); \
+    echo masked=$(cat /proc/interrupts 2>/dev/null | wc -c); \
+    unshare -U true 2>/dev/null; echo unshare=$?; \
+    mount -t tmpfs none /tmp 2>/dev/null; echo mount=$?; \
     echo procsysro=$(grep -c ' /proc/sys ro,' /proc/self/mountinfo); \
     echo END";
 
@@ -300,6 +305,12 @@ fn container_basics_exec_destroy(env: &Env) {
     assert_eq!(field(&out, "procsysro="), "1");
     assert_eq!(field(&out, "cgmem="), "67108864");
     assert_eq!(field(&out, "cgro="), "1");
+    if Path::new("/proc/interrupts").exists() {
+        assert_eq!(field(&out, "masked="), "0");
+    }
+    // Refused by seccomp (unshare) or by the dropped CAP_SYS_ADMIN (mount).
+    assert_ne!(field(&out, "unshare="), "0");
+    assert_ne!(field(&out, "mount="), "0");
     // mknod is allowed (Docker's set) but the devices cgroup refuses a disk.
     if Layout::detect() != Layout::V2 {
         assert_ne!(field(&out, "blk="), "0");
@@ -529,4 +540,72 @@ fn timing(env: &Env) {
     for (a, b, c) in &t {
         eprintln!("start {a:?}, exited {b:?}, destroyed {c:?}");
     }
+}
+
+/// Pretends to be a pure cgroup v2 host: in a private mount namespace, the unified
+/// hierarchy is mounted over /sys/fs/cgroup. On this hybrid host it has no memory/cpu/pids
+/// controllers, so the container runs without limits, but everything else is real v2.
+fn pure_v2_in_private_mount_ns(env: &Env) {
+    use nix::mount::{mount, MsFlags};
+    if Layout::detect() == Layout::V2 {
+        eprintln!("already v2: covered by the other tests");
+        return;
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare mount ns");
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .unwrap();
+    mount(
+        Some("cgroup2"),
+        "/sys/fs/cgroup",
+        Some("cgroup2"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mount cgroup2");
+    // Uncover the v1 hierarchies again afterwards, even on failure (cleanup needs them).
+    struct Unmount;
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2("/sys/fs/cgroup", nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount;
+    assert_eq!(Layout::detect(), Layout::V2);
+    let mut spec = env.spec(
+        "v2",
+        &["sh", "-c", "cat /proc/self/cgroup; ls /sys/fs/cgroup | grep -c cgroup.procs; echo END; exec sleep 100"],
+    );
+    spec.limits = Limits::default();
+    let (io, r) = stdio();
+    let s = process::start(&spec, io).expect("start on v2");
+    let mut f = std::fs::File::from(r);
+    let out = read_until(&mut f, "END");
+    eprint!("{out}");
+    // (v1 lines too on this hybrid host: the cgroup namespace covers every hierarchy.)
+    assert!(out.lines().any(|l| l == "0::/"), "{out}");
+    assert!(out.ends_with("\n1\nEND\n"), "{out}");
+    let dir = Path::new("/sys/fs/cgroup").join(&spec.cgroup);
+    assert!(dir.join("cgroup.procs").exists());
+    assert!(cgroups::manager(&spec.cgroup)
+        .processes()
+        .unwrap()
+        .contains(&s.pid));
+    let (io, r) = stdio();
+    let p = ProcessSpec {
+        args: vec!["sh".into(), "-c".into(), "cat /proc/self/cgroup".into()],
+        ..spec.process.clone()
+    };
+    let e = process::exec(&spec, s.pid, &p, io).expect("exec on v2");
+    assert_eq!(wait(e.pid), 0);
+    assert!(read_all(r).lines().any(|l| l == "0::/"));
+    process::destroy(&spec).expect("destroy on v2");
+    assert_eq!(wait(s.pid), 137);
+    assert_gone(&spec);
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&env.cg_parent));
 }

@@ -79,11 +79,15 @@ pub fn manager(path: &str) -> Box<dyn CgroupManager> {
     let mounts = mountinfo::read_self().unwrap_or_default();
     match Layout::from_mounts(&mounts) {
         Layout::V2 => {
-            let root = mounts
+            // /sys/fs/cgroup first: other cgroup2 mounts may be hidden beneath it.
+            let std_root = std::path::Path::new("/sys/fs/cgroup");
+            let v2: Vec<_> = mounts.iter().filter(|m| m.fs_type == "cgroup2").collect();
+            let root = v2
                 .iter()
-                .find(|m| m.fs_type == "cgroup2")
+                .find(|m| m.mount_point == std_root)
+                .or(v2.first())
                 .map(|m| m.mount_point.clone())
-                .unwrap_or_else(|| "/sys/fs/cgroup".into());
+                .unwrap_or_else(|| std_root.into());
             Box::new(v2::V2Manager::new(root, path))
         }
         Layout::V1 | Layout::V1Hybrid => {
