@@ -91,8 +91,12 @@ fn installed_version() -> Option<String> {
 
 /// Finds the busybox binary: the installed package, else the package fetched with
 /// `apt-get download` and unpacked into `scratch` (the host is left untouched).
-fn locate(scratch: &Path, progress: &dyn Progress) -> Result<(PathBuf, String), Error> {
-    if let Some(v) = installed_version() {
+fn locate(
+    scratch: &Path,
+    progress: &dyn Progress,
+    use_installed: bool,
+) -> Result<(PathBuf, String), Error> {
+    if let Some(v) = installed_version().filter(|_| use_installed) {
         if Path::new("/bin/busybox").is_file() {
             return Ok((PathBuf::from("/bin/busybox"), v));
         }
@@ -124,9 +128,18 @@ fn locate(scratch: &Path, progress: &dyn Progress) -> Result<(PathBuf, String), 
 }
 
 pub(super) fn build(store: &ImageStore, progress: &dyn Progress) -> Result<ImageInfo, Error> {
+    build_with(store, progress, true)
+}
+
+/// `use_installed: false` always fetches the package, as when it is not installed.
+pub(super) fn build_with(
+    store: &ImageStore,
+    progress: &dyn Progress,
+    use_installed: bool,
+) -> Result<ImageInfo, Error> {
     progress.stage("Locating busybox-static");
     let tmp = store.tmp()?;
-    let (bin, version) = locate(&tmp.path().join("pkg"), progress)?;
+    let (bin, version) = locate(&tmp.path().join("pkg"), progress, use_installed)?;
     let bytes = std::fs::read(&bin).map_err(io_err(format!("reading {}", bin.display())))?;
     let mut h = Sha256::new();
     h.update(&bytes);

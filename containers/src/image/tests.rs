@@ -764,3 +764,33 @@ fn image_store_open_removes_stale_builds() {
     );
     assert!(store.list().unwrap().is_empty());
 }
+
+/// Needs the apt mirror: the busybox-static package fetched with `apt-get download`.
+#[test]
+#[ignore]
+fn image_build_busybox_downloaded() {
+    let t = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&t.path().join("store")).unwrap();
+    let info = super::busybox::build_with(&store, &NoProgress, false).unwrap();
+    assert!(std::fs::read_link(info.rootfs.join("bin/sh"))
+        .unwrap()
+        .ends_with("busybox"));
+    assert_eq!(store_entries(&store), vec![info.fingerprint.clone()]);
+    // Same package version as the installed one gives the same image.
+    assert_eq!(
+        store.build_busybox(&NoProgress).unwrap().fingerprint,
+        info.fingerprint
+    );
+}
+
+/// Manual check on a real image: `LTV_IMPORT=path LTV_STORE=dir cargo test image_import_from_env -- --ignored`.
+#[test]
+#[ignore]
+fn image_import_from_env() {
+    let path = std::env::var("LTV_IMPORT").expect("LTV_IMPORT");
+    let store =
+        ImageStore::open(Path::new(&std::env::var("LTV_STORE").expect("LTV_STORE"))).unwrap();
+    let start = std::time::Instant::now();
+    let info = store.import(Path::new(&path), &NoProgress).unwrap();
+    eprintln!("imported in {:?}: {info:?}", start.elapsed());
+}
