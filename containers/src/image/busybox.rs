@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump when the generated files or layout change, so the fingerprint changes too.
-const LAYOUT_VERSION: &str = "ltv-busybox-layout-1";
+const LAYOUT_VERSION: &str = "ltv-busybox-layout-2";
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 const INITTAB: &str = "\
@@ -20,9 +20,10 @@ const INITTAB: &str = "\
 const RCS: &str = "\
 #!/bin/sh
 # Boot of a busybox system container; the runtime may already have mounted these.
-mountpoint -q /proc || mount -t proc proc /proc
-mountpoint -q /sys || mount -t sysfs sysfs /sys 2>/dev/null
-mountpoint -q /run || mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+# (Debian's busybox has no mountpoint applet.)
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -e /sys/kernel ] || mount -t sysfs sysfs /sys 2>/dev/null
+grep -q ' /run ' /proc/mounts || mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 [ -s /etc/hostname ] && hostname -F /etc/hostname
 [ -c /dev/console ] && echo ltv-ready > /dev/console 2>/dev/null
 exit 0

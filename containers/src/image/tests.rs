@@ -783,7 +783,8 @@ fn image_build_busybox_downloaded() {
     );
 }
 
-/// Manual check on a real image: `LTV_IMPORT=path LTV_STORE=dir cargo test image_import_from_env -- --ignored`.
+/// Manual check: `LTV_IMPORT=path|busybox LTV_STORE=dir cargo test image_import_from_env -- --ignored`
+/// imports a real image (or builds busybox) into a store that is kept for inspection.
 #[test]
 #[ignore]
 fn image_import_from_env() {
@@ -791,6 +792,10 @@ fn image_import_from_env() {
     let store =
         ImageStore::open(Path::new(&std::env::var("LTV_STORE").expect("LTV_STORE"))).unwrap();
     let start = std::time::Instant::now();
-    let info = store.import(Path::new(&path), &NoProgress).unwrap();
-    eprintln!("imported in {:?}: {info:?}", start.elapsed());
+    let info = if path == "busybox" {
+        store.build_busybox(&NoProgress).unwrap()
+    } else {
+        store.import(Path::new(&path), &NoProgress).unwrap()
+    };
+    eprintln!("done in {:?}: {info:?}", start.elapsed());
 }
