@@ -5,6 +5,7 @@ use crate::mountinfo;
 use crate::spec::{IdMap, RootfsSpec};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::io::{Error, ErrorKind, Result};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 fn err(stage: String, e: impl Into<Error>) -> Error {
@@ -81,11 +82,46 @@ pub fn mount_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<()> {
     for d in [&spec.upperdir, &spec.workdir, &spec.mountpoint] {
         std::fs::create_dir_all(d).map_err(|e| err(format!("create {}", d.display()), e))?;
     }
-    if let Some(m) = idmap {
-        std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
-            .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
+    let Some(m) = idmap else {
+        return mount_overlay_with(spec, &overlay_options(spec));
+    };
+    std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
+        .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
+    // Image files owned by host root must look owned by the container's root: idmapped
+    // lower layers (Linux >= 5.19 and a filesystem that supports them).
+    match idmapped_lowers(spec, m) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!("idmapped image layers unavailable ({e}); files keep their host owners");
+            mount_overlay_with(spec, &overlay_options(spec))
+        }
     }
-    let data = overlay_options(spec);
+}
+
+fn idmapped_lowers(spec: &RootfsSpec, m: &IdMap) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let userns = crate::namespaces::userns_with_map(m)
+        .map_err(|e| err("user namespace for idmapped mounts".into(), e))?;
+    let fds = spec
+        .lowerdirs
+        .iter()
+        .map(|l| idmapped_clone(l, &userns))
+        .collect::<Result<Vec<_>>>()?;
+    let lower: Vec<String> = fds
+        .iter()
+        .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .collect();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        spec.upperdir.display(),
+        spec.workdir.display()
+    );
+    // The overlay keeps its own references to the layers; our fds can go.
+    mount_overlay_with(spec, &data)
+}
+
+fn mount_overlay_with(spec: &RootfsSpec, data: &str) -> Result<()> {
     if data.len() >= 4096 {
         return Err(Error::new(
             ErrorKind::InvalidInput,
@@ -100,9 +136,68 @@ pub fn mount_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<()> {
         &spec.mountpoint,
         Some("overlay"),
         MsFlags::empty(),
-        Some(data.as_str()),
+        Some(data),
     )
     .map_err(|e| nix_err(format!("mount overlay at {}", spec.mountpoint.display()), e))
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A detached copy of `dir`'s mount, idmapped through `userns`.
+fn idmapped_clone(dir: &Path, userns: &OwnedFd) -> Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::new(ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: open_tree with a valid C path; the result is a new fd we own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(err(
+            format!("open_tree {}", dir.display()),
+            Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd was just returned by open_tree.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr on our detached mount with a correctly sized struct.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(err(
+            format!("idmap {}", dir.display()),
+            Error::last_os_error(),
+        ));
+    }
+    Ok(fd)
 }
 
 /// Lazily unmounts everything at or below `dir` in the caller's mount namespace.

@@ -34,6 +34,7 @@ fn main() {
         ("tty", tty),
         ("cgroup_v2_on_real_mount", cgroup_v2_on_real_mount),
         ("timing", timing),
+        ("concurrent_from_threads", concurrent_from_threads),
         // Last: it moves this process into a private mount namespace.
         ("pure_v2_in_private_mount_ns", pure_v2_in_private_mount_ns),
     ];
@@ -85,7 +86,7 @@ impl Env {
         std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
         for a in [
             "sh", "true", "echo", "cat", "hostname", "id", "ls", "sleep", "grep", "head", "test",
-            "mknod", "cut", "tail", "tr", "touch", "pwd", "wc", "unshare", "mount",
+            "mknod", "cut", "tail", "tr", "touch", "pwd", "wc", "unshare", "mount", "stat",
         ] {
             std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
         }
@@ -421,7 +422,7 @@ fn missing_command_cleans_up(env: &Env) {
 fn user_namespace(env: &Env) {
     let mut spec = env.spec(
         "userns",
-        &["sh", "-c", "id; cat /proc/self/uid_map; echo ok > /tmp/f && echo wrote; grep CapEff /proc/self/status; echo $$; sleep 2"],
+        &["sh", "-c", "id; cat /proc/self/uid_map; echo ok > /tmp/f && echo wrote; echo bb=$(stat -c %u:%g /bin/busybox); echo x > /etc/new && echo etcok; grep CapEff /proc/self/status; echo $$; sleep 2"],
     );
     spec.idmap = Some(IdMap {
         host_uid: 200000,
@@ -449,6 +450,8 @@ fn user_namespace(env: &Env) {
     assert!(out.contains("uid=0"), "{out}");
     assert!(out.contains("200000"), "{out}");
     assert!(out.contains("wrote"), "{out}");
+    // Idmapped image layers: host-root files are root's inside.
+    assert!(out.contains("bb=0:0") && out.contains("etcok"), "{out}");
     process::destroy(&spec).expect("destroy");
     assert_gone(&spec);
 }
@@ -608,4 +611,39 @@ fn pure_v2_in_private_mount_ns(env: &Env) {
     assert_eq!(wait(s.pid), 137);
     assert_gone(&spec);
     let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&env.cg_parent));
+}
+
+/// The daemon starts containers from several threads at once: the raw clone must not
+/// deadlock, and each start must see only its own pipes.
+fn concurrent_from_threads(env: &Env) {
+    let specs: Vec<ContainerSpec> = (0..6)
+        .map(|i| {
+            env.spec(
+                &format!("conc{i}"),
+                &["sh", "-c", &format!("echo c{i}; sleep 0.2")],
+            )
+        })
+        .collect();
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                sc.spawn(move || {
+                    let (io, r) = stdio();
+                    let s = process::start(spec, io).expect("start");
+                    // Allocating and locking in parallel while others clone.
+                    let v: Vec<String> = (0..1000).map(|n| n.to_string()).collect();
+                    assert_eq!(v.len(), 1000);
+                    assert_eq!(wait(s.pid), 0);
+                    assert_eq!(read_all(r), format!("c{i}\n"));
+                    process::destroy(spec).expect("destroy");
+                    assert_gone(spec);
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    });
 }
