@@ -273,6 +273,17 @@ fn read_with_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<Option<
 pub fn start(spec: &ContainerSpec, stdio: Stdio) -> Result<Started, Error> {
     validate(spec)?;
     let cg = cgroups::manager(&spec.cgroup);
+    // A group that already holds processes belongs to a running container: refuse, and
+    // leave it alone in the cleanup below.
+    if cg.processes().is_ok_and(|p| !p.is_empty()) {
+        return Err(Error::Setup {
+            stage: "create cgroup",
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("cgroup {} is in use by running processes", spec.cgroup),
+            ),
+        });
+    }
     let mut mounted = false;
     let mut helper: Option<Helper> = None;
     let r = start_inner(spec, stdio, cg.as_ref(), &mut mounted, &mut helper);

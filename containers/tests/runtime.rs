@@ -35,6 +35,10 @@ fn main() {
         ("cgroup_v2_on_real_mount", cgroup_v2_on_real_mount),
         ("timing", timing),
         ("concurrent_from_threads", concurrent_from_threads),
+        (
+            "non_root_user_and_tight_memory",
+            non_root_user_and_tight_memory,
+        ),
         // Last: it moves this process into a private mount namespace.
         ("pure_v2_in_private_mount_ns", pure_v2_in_private_mount_ns),
     ];
@@ -339,6 +343,16 @@ fn container_basics_exec_destroy(env: &Env) {
         }
     }
     let cg = cgroups::manager(&spec.cgroup);
+    assert!(cg.processes().unwrap().contains(&pid));
+    // A second start on the same cgroup must not touch the running container.
+    let (io, _r) = stdio();
+    match process::start(&spec, io) {
+        Err(Error::Setup { stage, source }) => {
+            assert_eq!(stage, "create cgroup");
+            assert_eq!(source.kind(), std::io::ErrorKind::AlreadyExists);
+        }
+        other => panic!("expected a busy cgroup error, got {other:?}"),
+    }
     assert!(cg.processes().unwrap().contains(&pid));
     let st = cg.stats().unwrap();
     assert!(st.pids >= 1 && st.memory_limit == Some(64 << 20), "{st:?}");
@@ -646,4 +660,35 @@ fn concurrent_from_threads(env: &Env) {
             h.join().unwrap();
         }
     });
+}
+
+fn non_root_user_and_tight_memory(env: &Env) {
+    let mut spec = env.spec(
+        "user1000",
+        &[
+            "sh",
+            "-c",
+            "id; grep -E '^(CapEff|CapBnd)' /proc/self/status; pwd",
+        ],
+    );
+    spec.process.uid = 1000;
+    spec.process.gid = 1001;
+    spec.process.additional_gids = vec![10, 20];
+    spec.process.cwd = "/home/u".into();
+    // The daemon's minimum.
+    spec.limits.memory_bytes = Some(4 << 20);
+    let (io, r) = stdio();
+    let s = process::start(&spec, io).expect("start as uid 1000");
+    assert_eq!(wait(s.pid), 0);
+    let out = read_all(r);
+    eprint!("{out}");
+    assert!(out.starts_with("uid=1000 gid=1001 groups=10,20\n"), "{out}");
+    assert_eq!(field(&out, "CapEff:"), "0000000000000000");
+    assert_eq!(
+        u64::from_str_radix(field(&out, "CapBnd:"), 16).unwrap(),
+        security::default_caps_mask()
+    );
+    assert!(out.ends_with("/home/u\n"), "{out}");
+    process::destroy(&spec).expect("destroy");
+    assert_gone(&spec);
 }
