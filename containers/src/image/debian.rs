@@ -377,6 +377,7 @@ pub(super) fn build(
             }
         }
     }
+    sanitize_etc(&root)?;
     let packages = installed_packages(&root)?;
     let mut h = Sha256::new();
     h.update(format!("debian-minbase\0{suite}\0{}\0", include.join(",")).as_bytes());
@@ -398,6 +399,18 @@ pub(super) fn build(
         source.push_str(&format!(" +{}", include.join(",")));
     }
     store.commit(tmp, &fingerprint, config, source)
+}
+
+/// debootstrap copies the host's hostname and resolv.conf: neither belongs in an image
+/// (the runtime provides them, as for the busybox image).
+pub(super) fn sanitize_etc(root: &Path) -> Result<(), Error> {
+    for (name, content) in [("etc/hostname", "localhost\n"), ("etc/resolv.conf", "")] {
+        let p = root.join(name);
+        // Replace rather than write through, in case it is a symlink.
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, content).map_err(io_err(format!("writing {name}")))?;
+    }
+    Ok(())
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {

@@ -602,16 +602,38 @@ fn image_build_debian() {
     let t = tempfile::tempdir().unwrap();
     let store = ImageStore::open(&t.path().join("store")).unwrap();
     let start = std::time::Instant::now();
+    // e.g. LTV_DEBIAN_INCLUDE=sysvinit-core to get an init.
+    let include: Vec<String> = std::env::var("LTV_DEBIAN_INCLUDE")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    let with_init = include
+        .iter()
+        .any(|p| p == "sysvinit-core" || p == "systemd-sysv");
     let opts = DebianOptions {
         suite: String::new(),
-        include: vec![],
+        include,
         mirror: None,
     };
     let info = store.build_debian(&opts, &Print).unwrap();
     eprintln!("debian image built in {:?}: {info:?}", start.elapsed());
     assert!(info.rootfs.join("usr/bin/apt-get").exists());
     assert!(info.rootfs.join("var/lib/dpkg/status").exists());
-    assert_eq!(info.config.init, None, "minbase has no init");
+    assert_eq!(
+        info.config.init.is_some(),
+        with_init,
+        "init only if asked for"
+    );
+    assert_eq!(
+        std::fs::read_to_string(info.rootfs.join("etc/hostname")).unwrap(),
+        "localhost\n"
+    );
+    assert_eq!(
+        std::fs::read(info.rootfs.join("etc/resolv.conf")).unwrap(),
+        b""
+    );
     store.delete(&info.fingerprint).unwrap();
     assert!(store_entries(&store).is_empty());
 }
