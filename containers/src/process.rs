@@ -130,10 +130,14 @@ struct Helper {
     ctl: Option<OwnedFd>,
     status: OwnedFd,
     reaped: bool,
+    /// Cloned straight into the container's cgroup (v2).
+    in_cgroup: bool,
 }
 
 impl Helper {
-    fn spawn(stdio: Stdio, flags: libc::c_int) -> Result<Helper, Error> {
+    /// `cgroup`: a v2 directory to clone the helper straight into. `in_cgroup` in the
+    /// result tells whether that happened.
+    fn spawn(stdio: Stdio, flags: libc::c_int, cgroup: Option<&OwnedFd>) -> Result<Helper, Error> {
         let (ctl_r, ctl_w) = pipe()?;
         let (st_r, st_w) = pipe()?;
         let prep = PreparedExec::new(
@@ -150,9 +154,19 @@ impl Helper {
             Some(CTL_FD),
         )
         .map_err(setup("prepare helper exec"))?;
-        let pid = prep
-            .spawn(flags)
-            .map_err(setup("clone container process"))?;
+        let into = match cgroup {
+            Some(fd) => prep
+                .spawn_into_cgroup(flags, fd)
+                .map_err(setup("clone container process"))?,
+            None => None,
+        };
+        let in_cgroup = into.is_some();
+        let pid = match into {
+            Some(pid) => pid,
+            None => prep
+                .spawn(flags)
+                .map_err(setup("clone container process"))?,
+        };
         // Our copies must go, or EOF on the status pipe would never come.
         drop((prep, ctl_r, st_w, stdio));
         Ok(Helper {
@@ -160,6 +174,7 @@ impl Helper {
             ctl: Some(ctl_w),
             status: st_r,
             reaped: false,
+            in_cgroup,
         })
     }
 
@@ -316,15 +331,19 @@ fn start_inner(
         .map_err(setup("apply cgroup limits"))?;
     rootfs::mount_overlay(&spec.rootfs, spec.idmap.as_ref()).map_err(setup("mount rootfs"))?;
     *mounted = true;
+    let cg_fd = cgroup_dir_fd(cg);
     let h = helper.insert(Helper::spawn(
         stdio,
         namespaces::clone_flags(spec.idmap.is_some()),
+        cg_fd.as_ref(),
     )?);
     if let Some(m) = &spec.idmap {
         namespaces::write_id_maps(h.pid, m).map_err(setup("write user namespace id maps"))?;
     }
     h.release()?;
-    cg.add_process(h.pid).map_err(setup("add init to cgroup"))?;
+    if !h.in_cgroup {
+        cg.add_process(h.pid).map_err(setup("add init to cgroup"))?;
+    }
     let start_time = proc_start_time(h.pid)
         .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
     h.send(&InitMsg::Start { spec: spec.clone() })?;
@@ -333,6 +352,13 @@ fn start_inner(
         pid: h.pid,
         start_time,
     })
+}
+
+/// An fd of the v2 cgroup directory for CLONE_INTO_CGROUP; `None` on v1 or on error
+/// (the caller then moves the process the classic way).
+fn cgroup_dir_fd(cg: &dyn CgroupManager) -> Option<OwnedFd> {
+    let dir = cg.v2_dir()?;
+    std::fs::File::open(dir).ok().map(OwnedFd::from)
 }
 
 /// Runs `process` inside the running container whose init is `init_pid`. The returned
@@ -348,11 +374,14 @@ pub fn exec(
         return Err(Error::InvalidSpec(format!("bad init pid {init_pid}")));
     }
     let cg = cgroups::manager(&spec.cgroup);
-    let mut h = Helper::spawn(stdio, 0)?;
+    let cg_fd = cgroup_dir_fd(cg.as_ref());
+    let mut h = Helper::spawn(stdio, 0, cg_fd.as_ref())?;
     let r = (|| {
         h.release()?;
-        cg.add_process(h.pid)
-            .map_err(setup("add exec helper to cgroup"))?;
+        if !h.in_cgroup {
+            cg.add_process(h.pid)
+                .map_err(setup("add exec helper to cgroup"))?;
+        }
         let start_time = proc_start_time(h.pid)
             .ok_or_else(|| Error::Init(format!("exec helper (pid {}) vanished", h.pid)))?;
         h.send(&InitMsg::Exec {

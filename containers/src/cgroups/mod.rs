@@ -71,6 +71,11 @@ pub trait CgroupManager: Send + Sync {
     /// Remove the group's directories; a missing group is fine.
     fn remove(&self) -> std::io::Result<()>;
     fn exists(&self) -> bool;
+    /// The group's cgroup v2 directory, where a process can be cloned straight into
+    /// (CLONE_INTO_CGROUP); `None` for v1.
+    fn v2_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// The manager for `path` (relative to each hierarchy root) on this host's layout.

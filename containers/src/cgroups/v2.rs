@@ -204,6 +204,10 @@ impl CgroupManager for V2Manager {
     fn exists(&self) -> bool {
         self.dir().map(|d| d.is_dir()).unwrap_or(false)
     }
+
+    fn v2_dir(&self) -> Option<PathBuf> {
+        self.dir().ok()
+    }
 }
 
 fn parse_usage_usec(stat: &str) -> Option<u64> {
