@@ -75,6 +75,8 @@ pub enum Command {
     Image(ImageCommand),
     /// Start a throw-away daemon and show what works.
     Demo,
+    /// Measure start time, density, overhead and isolation per kind, against peers.
+    Bench(ltv_bench::BenchArgs),
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -298,6 +300,10 @@ pub async fn run(cli: Cli) -> i32 {
         },
         Command::Image(cmd) => image(&client, cmd).await.map_or_else(fail, |_| 0),
         Command::Demo => crate::demo::run().await,
+        Command::Bench(args) => {
+            let exe = std::env::current_exe().unwrap_or_else(|_| "ltv".into());
+            tokio::task::spawn_blocking(move || ltv_bench::run(&args, &exe)).await.unwrap_or(1)
+        }
     }
 }
 
