@@ -26,7 +26,8 @@ impl Trigger for EventFdTrigger {
 /// Kernel lines that mean the guest is done, and whether that is a clean stop.
 const MARKERS: &[(&str, bool)] = &[
     ("reboot: Power down", true),
-    ("reboot: System halted", true),
+    // Also "reboot: Power off not available: System halted instead" (no ACPI/pm_power_off).
+    ("System halted", true),
     ("Kernel panic - not syncing", false),
 ];
 
@@ -129,7 +130,7 @@ mod tests {
         let mut tmp = tempfile::NamedTempFile::new().unwrap();
         let console = Console::new(tmp.reopen().unwrap(), false, tx);
         let mut dev = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), console);
-        for b in b"hello\n[    1.0] reboot: Power down\n" {
+        for b in b"hello\nreboot: Power off not available: System halted instead\n" {
             dev.write(0, &[*b]);
         }
         let mut s = String::new();
