@@ -13,6 +13,7 @@ pub mod cgroups;
 pub mod image;
 pub mod mountinfo;
 pub mod namespaces;
+pub mod network;
 pub mod process;
 pub mod rootfs;
 pub mod security;

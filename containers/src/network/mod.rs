@@ -1,0 +1,497 @@
+//! Container networking: a host bridge with NAT, and veth pairs into container netns.
+//!
+//! Typical wiring (all synchronous, root only):
+//! 1. once per daemon: [`ensure_bridge`] with a [`BridgeConfig`];
+//! 2. per container, after its init process exists in its own netns:
+//!    `let addr = allocate(&cfg.subnet, &used)?;` then
+//!    `attach(pid, &cfg.name, &cfg.attachment(instance, addr))`, and write
+//!    [`hosts_file`] into the rootfs;
+//! 3. on stop: [`detach`] with [`host_ifname`] of the instance (the veth also dies
+//!    with the container's netns, so this is cleanup, not a requirement).
+//!
+//! Netlink is spoken through the rust-netlink packet crates over a blocking socket
+//! (no async runtime). Work inside a container's netns happens on a short-lived
+//! thread that `setns`es into it, since a netlink socket binds to its creator's netns.
+
+mod nat;
+mod netlink;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::str::FromStr;
+
+use sha2::{Digest, Sha256};
+
+use self::netlink::Netlink;
+
+/// Default bridge name.
+pub const DEFAULT_BRIDGE: &str = "ltvbr0";
+/// Default bridge subnet.
+pub const DEFAULT_SUBNET: &str = "10.87.0.0/24";
+/// Name of the container side of the veth pair.
+pub const CONTAINER_IFNAME: &str = "eth0";
+/// Linux interface names are at most IFNAMSIZ - 1 bytes.
+pub const MAX_IFNAME_LEN: usize = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid subnet {input:?}: {reason}")]
+    InvalidSubnet { input: String, reason: String },
+    #[error("invalid interface name {name:?}: {reason}")]
+    InvalidIfname { name: String, reason: &'static str },
+    #[error("invalid address configuration for {ifname}: {reason}")]
+    InvalidAttachment { ifname: String, reason: String },
+    #[error("interface {name} does not exist in {netns}")]
+    NoSuchInterface { name: String, netns: String },
+    #[error("interface {name} already exists in {netns}")]
+    InterfaceExists { name: String, netns: String },
+    #[error("cannot use the network namespace of pid {pid} (/proc/{pid}/ns/net): {source}")]
+    Namespace { pid: i32, source: io::Error },
+    #[error("pid {pid} shares the caller's network namespace; refusing to configure it")]
+    SameNamespace { pid: i32 },
+    #[error("netlink: {op} in {netns}: {source}")]
+    Netlink {
+        op: String,
+        netns: String,
+        source: io::Error,
+    },
+    #[error("NAT: {0}")]
+    Nat(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+const HOST_NS: &str = "the caller's netns";
+
+fn pid_ns(pid: i32) -> String {
+    format!("the netns of pid {pid}")
+}
+
+fn nl_err(op: impl Into<String>, netns: &str) -> impl FnOnce(io::Error) -> Error {
+    let op = op.into();
+    let netns = netns.to_string();
+    move |source| Error::Netlink { op, netns, source }
+}
+
+fn is_errno(e: &Error, errno: i32) -> bool {
+    matches!(e, Error::Netlink { source, .. } if source.raw_os_error() == Some(errno))
+}
+
+/// An IPv4 network: its network address and prefix length (e.g. 10.87.0.0/24).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ipv4Subnet {
+    addr: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipv4Subnet {
+    /// Prefixes outside 8..=30 are refused: /31 and /32 leave no room for gateway + hosts.
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Self, Error> {
+        let input = format!("{addr}/{prefix}");
+        if !(8..=30).contains(&prefix) {
+            return Err(Error::InvalidSubnet {
+                input,
+                reason: "prefix must be between 8 and 30".into(),
+            });
+        }
+        let s = Self { addr, prefix };
+        if s.network() != addr {
+            return Err(Error::InvalidSubnet {
+                input,
+                reason: format!("not a network address (did you mean {}?)", s.network()),
+            });
+        }
+        Ok(s)
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::MAX << (32 - self.prefix))
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & u32::from(self.netmask()))
+    }
+
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network()) | !u32::from(self.netmask()))
+    }
+
+    /// The bridge's own address: the first host address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network()) + 1)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & u32::from(self.netmask()) == u32::from(self.network())
+    }
+}
+
+impl FromStr for Ipv4Subnet {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = |reason: &str| Error::InvalidSubnet {
+            input: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let (a, p) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| bad("expected ADDRESS/PREFIX"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| bad("bad IPv4 address"))?;
+        let prefix: u8 = p.parse().map_err(|_| bad("bad prefix length"))?;
+        Self::new(addr, prefix)
+    }
+}
+
+impl fmt::Display for Ipv4Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The host bridge and the subnet behind it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeConfig {
+    pub name: String,
+    pub subnet: Ipv4Subnet,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            name: DEFAULT_BRIDGE.to_string(),
+            subnet: DEFAULT_SUBNET.parse().expect("valid default subnet"),
+        }
+    }
+}
+
+impl BridgeConfig {
+    pub fn new(name: &str, subnet: &str) -> Result<Self, Error> {
+        validate_ifname(name)?;
+        Ok(Self {
+            name: name.to_string(),
+            subnet: subnet.parse()?,
+        })
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.subnet.gateway()
+    }
+
+    /// The attachment for `instance` at `address` on this bridge.
+    pub fn attachment(&self, instance: &str, address: Ipv4Addr) -> Attachment {
+        Attachment {
+            host_ifname: host_ifname(instance),
+            address,
+            prefix: self.subnet.prefix(),
+            gateway: self.gateway(),
+        }
+    }
+}
+
+/// One container's veth: the host end's name and the container's address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub host_ifname: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+/// Checks what the kernel's dev_valid_name() would refuse.
+pub fn validate_ifname(name: &str) -> Result<(), Error> {
+    let bad = |reason| {
+        Err(Error::InvalidIfname {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > MAX_IFNAME_LEN {
+        return bad("must be 1 to 15 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("reserved name");
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return bad("contains '/', ':' or whitespace");
+    }
+    Ok(())
+}
+
+/// The host-side veth name of `instance`: "veth" + 11 hex digits of its SHA-256 (15 bytes).
+pub fn host_ifname(instance: &str) -> String {
+    let digest = Sha256::digest(instance.as_bytes());
+    let mut name = String::from("veth");
+    name.push_str(&hex::encode(digest)[..MAX_IFNAME_LEN - 4]);
+    name
+}
+
+/// The lowest host address of `subnet` not in `used`, skipping network, gateway and broadcast.
+pub fn allocate(subnet: &Ipv4Subnet, used: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+    let used: HashSet<u32> = used.iter().map(|a| u32::from(*a)).collect();
+    let first = u32::from(subnet.gateway()) + 1;
+    let last = u32::from(subnet.broadcast()) - 1;
+    (first..=last)
+        .find(|a| !used.contains(a))
+        .map(Ipv4Addr::from)
+}
+
+/// /etc/hosts for a container named `hostname` with `address` (Debian's 127.0.1.1 if none).
+pub fn hosts_file(hostname: &str, address: Option<Ipv4Addr>) -> String {
+    let own = address.unwrap_or(Ipv4Addr::new(127, 0, 1, 1));
+    format!(
+        "127.0.0.1\tlocalhost\n\
+         ::1\tlocalhost ip6-localhost ip6-loopback\n\
+         ff02::1\tip6-allnodes\n\
+         ff02::2\tip6-allrouters\n\
+         {own}\t{hostname}\n"
+    )
+}
+
+fn open_netlink(netns: &str) -> Result<Netlink, Error> {
+    Netlink::open().map_err(nl_err("opening a netlink socket", netns))
+}
+
+/// Creates (if missing) and configures the bridge and its NAT in the caller's netns.
+pub fn ensure_bridge(cfg: &BridgeConfig) -> Result<(), Error> {
+    validate_ifname(&cfg.name)?;
+    let mut nl = open_netlink(HOST_NS)?;
+    let name = &cfg.name;
+    let index = match nl
+        .link_index(name)
+        .map_err(nl_err(format!("looking up {name}"), HOST_NS))?
+    {
+        Some(i) => i,
+        None => {
+            match nl
+                .create_bridge(name)
+                .map_err(nl_err(format!("creating bridge {name}"), HOST_NS))
+            {
+                // Another caller may have won the race; that is fine.
+                Err(e) if !is_errno(&e, libc::EEXIST) => return Err(e),
+                _ => {}
+            }
+            nl.link_index(name)
+                .map_err(nl_err(format!("looking up {name}"), HOST_NS))?
+                .ok_or_else(|| Error::NoSuchInterface {
+                    name: name.clone(),
+                    netns: HOST_NS.into(),
+                })?
+        }
+    };
+    let gw = cfg.gateway();
+    match nl
+        .add_address(index, gw, cfg.subnet.prefix())
+        .map_err(nl_err(format!("adding {gw} to {name}"), HOST_NS))
+    {
+        Err(e) if !is_errno(&e, libc::EEXIST) => return Err(e),
+        _ => {}
+    }
+    nl.set_link(index, None, true)
+        .map_err(nl_err(format!("bringing {name} up"), HOST_NS))?;
+    enable_ip_forward();
+    nat::setup(cfg)
+}
+
+/// Turns on IPv4 forwarding if it is off and the sysctl is writable (it may be read-only).
+fn enable_ip_forward() {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    if let Err(e) = std::fs::write(PATH, "1") {
+        tracing::warn!("cannot enable IPv4 forwarding ({PATH}): {e}");
+    }
+}
+
+/// Deletes the bridge if it exists.
+pub fn remove_bridge(name: &str) -> Result<(), Error> {
+    validate_ifname(name)?;
+    delete_if_exists(name)
+}
+
+/// Removes the bridge's NAT rule if present.
+pub fn remove_nat(cfg: &BridgeConfig) -> Result<(), Error> {
+    nat::remove(cfg)
+}
+
+fn delete_if_exists(name: &str) -> Result<(), Error> {
+    let mut nl = open_netlink(HOST_NS)?;
+    let Some(index) = nl
+        .link_index(name)
+        .map_err(nl_err(format!("looking up {name}"), HOST_NS))?
+    else {
+        return Ok(());
+    };
+    match nl.delete_link(index) {
+        // Gone meanwhile (e.g. its veth peer's netns died): that is what we wanted.
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+        r => r.map_err(nl_err(format!("deleting {name}"), HOST_NS)),
+    }
+}
+
+/// Deletes the host end of a veth pair (the container end goes with it). Idempotent.
+pub fn detach(host_ifname: &str) -> Result<(), Error> {
+    validate_ifname(host_ifname)?;
+    delete_if_exists(host_ifname)
+}
+
+/// Connects the netns of `pid` to `bridge` through a new veth pair (see [`Attachment`]).
+/// On failure the veth is deleted again.
+pub fn attach(pid: i32, bridge: &str, att: &Attachment) -> Result<(), Error> {
+    let host = &att.host_ifname;
+    validate_ifname(host)?;
+    validate_ifname(bridge)?;
+    if !(1..=32).contains(&att.prefix) {
+        return Err(Error::InvalidAttachment {
+            ifname: host.clone(),
+            reason: format!("prefix /{} out of range", att.prefix),
+        });
+    }
+    let ns = open_netns(pid)?;
+
+    let mut nl = open_netlink(HOST_NS)?;
+    let br = nl
+        .link_index(bridge)
+        .map_err(nl_err(format!("looking up {bridge}"), HOST_NS))?
+        .ok_or_else(|| Error::NoSuchInterface {
+            name: bridge.to_string(),
+            netns: HOST_NS.into(),
+        })?;
+    if nl
+        .link_index(host)
+        .map_err(nl_err(format!("looking up {host}"), HOST_NS))?
+        .is_some()
+    {
+        return Err(Error::InterfaceExists {
+            name: host.clone(),
+            netns: HOST_NS.into(),
+        });
+    }
+    // The peer is created straight inside the target netns under its final name, so no
+    // stray interface ever shows up in the caller's netns.
+    nl.create_veth(host, CONTAINER_IFNAME, ns.as_raw_fd())
+        .map_err(|source| {
+            if source.raw_os_error() == Some(libc::EEXIST) {
+                Error::InterfaceExists {
+                    name: CONTAINER_IFNAME.into(),
+                    netns: pid_ns(pid),
+                }
+            } else {
+                Error::Netlink {
+                    op: format!("creating veth {host} with peer {CONTAINER_IFNAME}"),
+                    netns: format!("{HOST_NS} and {}", pid_ns(pid)),
+                    source,
+                }
+            }
+        })?;
+
+    let result = (|| {
+        let index = nl
+            .link_index(host)
+            .map_err(nl_err(format!("looking up {host}"), HOST_NS))?
+            .ok_or_else(|| Error::NoSuchInterface {
+                name: host.clone(),
+                netns: HOST_NS.into(),
+            })?;
+        nl.set_link(index, Some(br), true)
+            .map_err(nl_err(format!("attaching {host} to {bridge}"), HOST_NS))?;
+        configure_inside(pid, ns, att)
+    })();
+    if let Err(e) = result {
+        if let Err(cleanup) = delete_if_exists(host) {
+            tracing::warn!("attach {host}: cleanup after failure failed: {cleanup}");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Opens /proc/PID/ns/net, refusing the caller's own netns (we would reconfigure the host).
+fn open_netns(pid: i32) -> Result<File, Error> {
+    let ns_err = |source| Error::Namespace { pid, source };
+    if pid <= 0 {
+        return Err(ns_err(io::Error::from_raw_os_error(libc::ESRCH)));
+    }
+    let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(ns_err)?;
+    let theirs = ns.metadata().map_err(ns_err)?;
+    let ours = std::fs::metadata("/proc/thread-self/ns/net").map_err(|source| Error::Io {
+        what: "reading /proc/thread-self/ns/net".into(),
+        source,
+    })?;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return Err(Error::SameNamespace { pid });
+    }
+    Ok(ns)
+}
+
+/// Inside the netns: lo and eth0 up, eth0's address, default route via the gateway.
+fn configure_inside(pid: i32, ns: File, att: &Attachment) -> Result<(), Error> {
+    let att = att.clone();
+    let thread = std::thread::Builder::new()
+        .name("ltv-netns".into())
+        .spawn(move || -> Result<(), Error> {
+            let netns = pid_ns(pid);
+            // Only this thread switches netns; it exits right after.
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                Error::Namespace {
+                    pid,
+                    source: io::Error::from(e),
+                }
+            })?;
+            let mut nl = open_netlink(&netns)?;
+            let lookup = |nl: &mut Netlink, name: &str| {
+                nl.link_index(name)
+                    .map_err(nl_err(format!("looking up {name}"), &netns))?
+                    .ok_or_else(|| Error::NoSuchInterface {
+                        name: name.to_string(),
+                        netns: netns.clone(),
+                    })
+            };
+            let lo = lookup(&mut nl, "lo")?;
+            nl.set_link(lo, None, true)
+                .map_err(nl_err("bringing lo up", &netns))?;
+            let eth = lookup(&mut nl, CONTAINER_IFNAME)?;
+            nl.add_address(eth, att.address, att.prefix)
+                .map_err(nl_err(
+                    format!(
+                        "adding {}/{} to {CONTAINER_IFNAME}",
+                        att.address, att.prefix
+                    ),
+                    &netns,
+                ))?;
+            nl.set_link(eth, None, true)
+                .map_err(nl_err(format!("bringing {CONTAINER_IFNAME} up"), &netns))?;
+            nl.add_default_route(eth, att.gateway).map_err(nl_err(
+                format!("adding default route via {}", att.gateway),
+                &netns,
+            ))?;
+            Ok(())
+        })
+        .map_err(|source| Error::Io {
+            what: "spawning the netns thread".into(),
+            source,
+        })?;
+    thread.join().unwrap_or_else(|_| {
+        Err(Error::Io {
+            what: "netns thread panicked".into(),
+            source: io::Error::other("panic"),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,229 @@
+//! Root-only tests of container networking. Every test runs on a thread that first
+//! unshares a fresh network namespace, so no interface, route or nft table is ever made
+//! in the host's netns, and all traffic stays between namespaces the test created.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+
+use ltv_containers::network::{self, Attachment, BridgeConfig, Error};
+use nix::sched::{unshare, CloneFlags};
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs `f` on a thread inside a new, private network namespace.
+fn in_private_netns(f: impl FnOnce() + Send + 'static) {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let t = std::thread::spawn(move || {
+        let host = netns_ino("/proc/self/ns/net");
+        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        // Refuse to go on unless this thread really left the host's netns.
+        assert_ne!(netns_ino("/proc/thread-self/ns/net"), host);
+        f()
+    });
+    if let Err(panic) = t.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn netns_ino(path: &str) -> u64 {
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// A `sleep` child that we spawned, optionally in its own new netns; killed on drop.
+struct Sleeper(Child);
+
+impl Sleeper {
+    fn spawn(own_netns: bool) -> Self {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60");
+        if own_netns {
+            // Before exec, so the netns exists by the time spawn() returns.
+            unsafe {
+                cmd.pre_exec(|| unshare(CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+            }
+        }
+        Sleeper(cmd.spawn().expect("spawn sleep"))
+    }
+
+    fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    /// Runs a command inside this child's netns.
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let ns = format!("--net=/proc/{}/ns/net", self.pid());
+        run("nsenter", &[&[ns.as_str()], args].concat())
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn link_exists(name: &str) -> bool {
+    run("ip", &["link", "show", "dev", name]).0
+}
+
+fn ensure_ping() {
+    if run("ping", &["-V"]).0 {
+        return;
+    }
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "-q", "iputils-ping"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    assert!(run("ping", &["-V"]).0, "ping is not available");
+}
+
+fn test_bridge() -> BridgeConfig {
+    BridgeConfig::new("ltvtest0", "10.213.7.0/24").unwrap()
+}
+
+#[test]
+fn two_containers_talk_over_the_bridge() {
+    in_private_netns(|| {
+        ensure_ping();
+        let cfg = test_bridge();
+        network::ensure_bridge(&cfg).unwrap();
+        // Idempotent: a second call changes nothing and does not fail.
+        network::ensure_bridge(&cfg).unwrap();
+        let (ok, out) = run("ip", &["-4", "addr", "show", "dev", "ltvtest0"]);
+        assert!(ok && out.contains("10.213.7.1/24"), "{out}");
+        assert!(out.contains("UP"), "{out}");
+        let (ok, out) = run("nft", &["list", "table", "ip", "ltv"]);
+        assert!(ok, "{out}");
+        assert!(
+            out.contains("ip saddr 10.213.7.0/24 oifname != \"ltvtest0\" masquerade"),
+            "{out}"
+        );
+        assert_eq!(out.matches("masquerade").count(), 1, "{out}");
+
+        let a = Sleeper::spawn(true);
+        let b = Sleeper::spawn(true);
+        let addr_a = network::allocate(&cfg.subnet, &[]).unwrap();
+        let addr_b = network::allocate(&cfg.subnet, &[addr_a]).unwrap();
+        assert_eq!(
+            (addr_a, addr_b),
+            (Ipv4Addr::new(10, 213, 7, 2), Ipv4Addr::new(10, 213, 7, 3))
+        );
+        let att_a = cfg.attachment("test-a", addr_a);
+        let att_b = cfg.attachment("test-b", addr_b);
+        network::attach(a.pid(), &cfg.name, &att_a).unwrap();
+        network::attach(b.pid(), &cfg.name, &att_b).unwrap();
+
+        // Host ends: enslaved to the bridge and up.
+        for att in [&att_a, &att_b] {
+            let (ok, out) = run("ip", &["-o", "link", "show", "dev", &att.host_ifname]);
+            assert!(ok && out.contains("master ltvtest0"), "{out}");
+            assert!(out.contains(",UP"), "{out}");
+        }
+        // Inside: eth0 with the address, lo up, default route via the gateway.
+        let (ok, out) = a.run(&["ip", "-4", "addr", "show", "dev", "eth0"]);
+        assert!(ok && out.contains("10.213.7.2/24"), "{out}");
+        let (_, out) = a.run(&["ip", "-o", "link", "show", "dev", "lo"]);
+        assert!(out.contains(",UP"), "{out}");
+        let (ok, out) = b.run(&["ip", "-4", "route", "show", "default"]);
+        assert!(
+            ok && out.contains("default via 10.213.7.1 dev eth0"),
+            "{out}"
+        );
+
+        // Container to container, and container to gateway (all inside our namespaces).
+        let (ok, out) = a.run(&["ping", "-c1", "-W2", "10.213.7.3"]);
+        assert!(ok, "a -> b: {out}");
+        let (ok, out) = b.run(&["ping", "-c1", "-W2", "10.213.7.2"]);
+        assert!(ok, "b -> a: {out}");
+        let (ok, out) = b.run(&["ping", "-c1", "-W2", "10.213.7.1"]);
+        assert!(ok, "b -> gateway: {out}");
+
+        // Attaching the same instance twice is refused, and leaves the first veth alone.
+        let err = network::attach(b.pid(), &cfg.name, &att_a).unwrap_err();
+        assert!(matches!(err, Error::InterfaceExists { .. }), "{err}");
+        assert!(link_exists(&att_a.host_ifname));
+
+        network::detach(&att_a.host_ifname).unwrap();
+        network::detach(&att_b.host_ifname).unwrap();
+        network::detach(&att_a.host_ifname).unwrap();
+        for att in [&att_a, &att_b] {
+            assert!(!link_exists(&att.host_ifname));
+        }
+        let (ok, _) = a.run(&["ip", "link", "show", "dev", "eth0"]);
+        assert!(!ok, "eth0 should be gone with its veth peer");
+
+        network::remove_nat(&cfg).unwrap();
+        network::remove_nat(&cfg).unwrap();
+        assert!(!run("nft", &["list", "table", "ip", "ltv"]).0);
+        network::remove_bridge(&cfg.name).unwrap();
+        network::remove_bridge(&cfg.name).unwrap();
+        assert!(!link_exists(&cfg.name));
+    });
+}
+
+fn veths() -> String {
+    run("ip", &["-o", "link", "show", "type", "veth"]).1
+}
+
+#[test]
+fn failures_leave_no_veth() {
+    in_private_netns(|| {
+        let cfg = test_bridge();
+        network::ensure_bridge(&cfg).unwrap();
+        let att = cfg.attachment("test-fail", Ipv4Addr::new(10, 213, 7, 9));
+
+        // No such process: nothing is created.
+        let err = network::attach(999_999_999, &cfg.name, &att).unwrap_err();
+        assert!(matches!(err, Error::Namespace { .. }), "{err}");
+        assert!(err.to_string().contains("999999999"), "{err}");
+
+        // A process in the caller's own netns is refused.
+        let same = Sleeper::spawn(false);
+        let err = network::attach(same.pid(), &cfg.name, &att).unwrap_err();
+        assert!(matches!(err, Error::SameNamespace { .. }), "{err}");
+
+        // Missing bridge.
+        let c = Sleeper::spawn(true);
+        let err = network::attach(c.pid(), "nobridge", &att).unwrap_err();
+        assert!(matches!(err, Error::NoSuchInterface { .. }), "{err}");
+
+        // Failure after the veth exists (unreachable gateway): the veth is rolled back.
+        let bad = Attachment {
+            gateway: Ipv4Addr::new(192, 0, 2, 1),
+            ..att.clone()
+        };
+        let err = network::attach(c.pid(), &cfg.name, &bad).unwrap_err();
+        assert!(
+            err.to_string().contains("default route"),
+            "unexpected error: {err}"
+        );
+        assert!(!link_exists(&att.host_ifname));
+        assert!(!c.run(&["ip", "link", "show", "dev", "eth0"]).0);
+        let left = veths();
+        assert!(left.trim().is_empty(), "veths left: {left}");
+
+        // The same attachment then works.
+        network::attach(c.pid(), &cfg.name, &att).unwrap();
+        network::detach(&att.host_ifname).unwrap();
+        assert!(veths().trim().is_empty());
+    });
+}
