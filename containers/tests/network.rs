@@ -201,6 +201,24 @@ fn failures_leave_no_veth() {
         let err = network::attach(same.pid(), &cfg.name, &att).unwrap_err();
         assert!(matches!(err, Error::SameNamespace { .. }), "{err}");
 
+        // A name taken by a non-bridge is refused by ensure_bridge.
+        let args = [
+            "link",
+            "add",
+            "ltvnotbr0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ltvnotbr1",
+        ];
+        let (ok, out) = run("ip", &args);
+        assert!(ok, "{out}");
+        let notbr = BridgeConfig::new("ltvnotbr0", "10.213.8.0/24").unwrap();
+        let err = network::ensure_bridge(&notbr).unwrap_err();
+        assert!(matches!(err, Error::NotABridge { .. }), "{err}");
+        network::detach("ltvnotbr0").unwrap();
+
         // Missing bridge.
         let c = Sleeper::spawn(true);
         let err = network::attach(c.pid(), "nobridge", &att).unwrap_err();

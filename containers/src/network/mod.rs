@@ -50,6 +50,8 @@ pub enum Error {
     NoSuchInterface { name: String, netns: String },
     #[error("interface {name} already exists in {netns}")]
     InterfaceExists { name: String, netns: String },
+    #[error("interface {name} exists but is not a bridge")]
+    NotABridge { name: String },
     #[error("cannot use the network namespace of pid {pid} (/proc/{pid}/ns/net): {source}")]
     Namespace { pid: i32, source: io::Error },
     #[error("pid {pid} shares the caller's network namespace; refusing to configure it")]
@@ -266,6 +268,8 @@ fn open_netlink(netns: &str) -> Result<Netlink, Error> {
 }
 
 /// Creates (if missing) and configures the bridge and its NAT in the caller's netns.
+/// Idempotent. Changing the subnet of an existing bridge adds the new gateway address
+/// but does not remove the old one.
 pub fn ensure_bridge(cfg: &BridgeConfig) -> Result<(), Error> {
     validate_ifname(&cfg.name)?;
     let mut nl = open_netlink(HOST_NS)?;
@@ -292,6 +296,12 @@ pub fn ensure_bridge(cfg: &BridgeConfig) -> Result<(), Error> {
                 })?
         }
     };
+    if !nl
+        .is_bridge(index)
+        .map_err(nl_err(format!("inspecting {name}"), HOST_NS))?
+    {
+        return Err(Error::NotABridge { name: name.clone() });
+    }
     let gw = cfg.gateway();
     match nl
         .add_address(index, gw, cfg.subnet.prefix())

@@ -88,6 +88,22 @@ impl Netlink {
         }
     }
 
+    /// Whether the existing link `index` is a bridge.
+    pub(crate) fn is_bridge(&mut self, index: u32) -> io::Result<bool> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        let replies = self.request(RouteNetlinkMessage::GetLink(msg), 0)?;
+        Ok(replies.iter().any(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => l.attributes.iter().any(|a| match a {
+                LinkAttribute::LinkInfo(infos) => infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))),
+                _ => false,
+            }),
+            _ => false,
+        }))
+    }
+
     pub(crate) fn create_bridge(&mut self, name: &str) -> io::Result<()> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
