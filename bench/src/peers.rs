@@ -1,0 +1,255 @@
+//! Peer runtimes measured in the same run on the same busybox rootfs: crun, runc
+//! (OCI bundles), LXC (a busybox system container) and QEMU microvm (our kernel).
+
+use crate::harness::{failure, timed, Harness};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const KNOWN: &[&str] = &["crun", "runc", "lxc", "qemu"];
+
+fn binary(peer: &str) -> &'static str {
+    match peer {
+        "crun" => "crun",
+        "runc" => "runc",
+        "lxc" => "lxc-start",
+        _ => "qemu-system-x86_64",
+    }
+}
+
+fn package(peer: &str) -> &'static str {
+    match peer {
+        "crun" => "crun",
+        "runc" => "runc",
+        "lxc" => "lxc",
+        _ => "qemu-system-x86",
+    }
+}
+
+pub fn which(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(prog))
+            .find(|f| f.is_file())
+    })
+}
+
+/// Makes sure the peer's tools are there (installing them if asked); Err = skip reason.
+pub fn ensure(peer: &str, install: bool, kernel: Option<&Path>) -> Result<(), String> {
+    if !KNOWN.contains(&peer) {
+        return Err(format!("unknown peer (known: {})", KNOWN.join(", ")));
+    }
+    if which(binary(peer)).is_none() {
+        if !install {
+            return Err(format!(
+                "{} is not installed (use --install-peers, or apt-get install {})",
+                binary(peer),
+                package(peer)
+            ));
+        }
+        eprintln!("installing {} ...", package(peer));
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {} >/dev/null",
+                package(peer)
+            ))
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok || which(binary(peer)).is_none() {
+            return Err(format!("apt-get install {} failed", package(peer)));
+        }
+    }
+    if peer == "qemu" && kernel.is_none() {
+        return Err("needs our guest kernel: pass --kernel (and --initrd)".into());
+    }
+    Ok(())
+}
+
+/// First line of `<tool> --version`.
+pub fn version(prog: &str) -> Option<String> {
+    let out = Command::new(prog).arg("--version").output().ok()?;
+    let s = String::from_utf8_lossy(&out.stdout);
+    let line = s.lines().find(|l| !l.trim().is_empty())?.trim().to_string();
+    Some(line)
+}
+
+/// An OCI bundle over the image rootfs (read-only, no terminal) running `args`.
+pub fn oci_bundle(
+    h: &Harness,
+    tool: &str,
+    rootfs: &Path,
+    tag: &str,
+    args: &[&str],
+) -> Result<PathBuf, String> {
+    let dir = h.dir.join(format!("bundle-{tool}-{tag}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut c = Command::new(tool);
+    c.arg("spec").current_dir(&dir);
+    let out = c.output().map_err(|e| e.to_string())?;
+    if !out.status.success() && !dir.join("config.json").exists() {
+        return Err(failure(&c, &out));
+    }
+    let path = dir.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    cfg["root"] = json!({"path": rootfs, "readonly": true});
+    cfg["process"]["args"] = json!(args);
+    cfg["process"]["terminal"] = json!(false);
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+/// One foreground `crun|runc run` to exit, in ms.
+pub fn oci_run(h: &mut Harness, tool: &str, bundle: &Path, name: &str) -> Result<f64, String> {
+    let root = h.dir.join(format!("{tool}-root"));
+    let root_s = root.to_string_lossy().into_owned();
+    let mut c = h.peer_cmd(tool);
+    c.args(["--root", &root_s, "run", "--bundle"])
+        .arg(bundle)
+        .arg(name);
+    let r = timed(&mut c).map(|(ms, _)| ms);
+    if r.is_err() {
+        let _ = h
+            .peer_cmd(tool)
+            .args(["--root", &root_s, "delete", "-f", name])
+            .output();
+    }
+    r
+}
+
+/// `crun|runc run --detach` (an idle container left running); ms.
+pub fn oci_detach(h: &mut Harness, tool: &str, bundle: &Path, name: &str) -> Result<f64, String> {
+    let root = h.dir.join(format!("{tool}-root"));
+    let root_s = root.to_string_lossy().into_owned();
+    h.push_undo(&[tool, "--root", &root_s, "delete", "-f", name]);
+    let mut c = h.peer_cmd(tool);
+    c.args(["--root", &root_s, "run", "--detach", "--bundle"])
+        .arg(bundle)
+        .arg(name)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let t = std::time::Instant::now();
+    let st = c.status().map_err(|e| e.to_string())?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if st.success() {
+        Ok(ms)
+    } else {
+        Err(format!("{tool} run --detach {name}: {st}"))
+    }
+}
+
+pub fn oci_pid(h: &mut Harness, tool: &str, name: &str) -> Option<i32> {
+    let root = h.dir.join(format!("{tool}-root"));
+    let out = h
+        .peer_cmd(tool)
+        .arg("--root")
+        .arg(&root)
+        .args(["state", name])
+        .output()
+        .ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["pid"].as_i64().map(|p| p as i32)
+}
+
+pub fn oci_delete(h: &mut Harness, tool: &str, name: &str) {
+    let root = h.dir.join(format!("{tool}-root"));
+    let root_s = root.to_string_lossy().into_owned();
+    let _ = h
+        .peer_cmd(tool)
+        .args(["--root", &root_s, "delete", "-f", name])
+        .output();
+    h.drop_undo(&[tool, "--root", &root_s, "delete", "-f", name]);
+}
+
+/// LXC: a private copy of the busybox rootfs and an lxcpath under our temp dir.
+pub struct Lxc {
+    pub path: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl Lxc {
+    pub fn new(h: &Harness, image_rootfs: &Path) -> Result<Lxc, String> {
+        let path = h.dir.join("lxc");
+        let rootfs = h.dir.join("lxc-rootfs");
+        std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(image_rootfs)
+            .arg(&rootfs)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !st.success() {
+            return Err("cp -a of the rootfs failed".into());
+        }
+        Ok(Lxc { path, rootfs })
+    }
+
+    fn config(&self, name: &str) -> Result<(), String> {
+        let d = self.path.join(name);
+        std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+        let cfg = format!(
+            "lxc.uts.name = {name}\nlxc.rootfs.path = dir:{}\nlxc.net.0.type = empty\nlxc.apparmor.profile = unconfined\nlxc.init.cmd = /bin/sleep 86400\nlxc.mount.auto = proc:mixed sys:ro\nlxc.tty.max = 0\nlxc.console.path = none\n",
+            self.rootfs.display()
+        );
+        std::fs::write(d.join("config"), cfg).map_err(|e| e.to_string())
+    }
+
+    /// Start, then `lxc-attach -- /bin/true` returns: ms.
+    pub fn start_exec(&self, h: &mut Harness, name: &str) -> Result<f64, String> {
+        self.config(name)?;
+        let p = self.path.to_string_lossy().into_owned();
+        h.push_undo(&["lxc-stop", "-k", "-P", &p, "-n", name]);
+        let t = std::time::Instant::now();
+        let mut c = h.peer_cmd("lxc-start");
+        c.args(["-P", &p, "-n", name, "-d"]);
+        timed(&mut c)?;
+        let mut c = h.peer_cmd("lxc-attach");
+        c.args(["-P", &p, "-n", name, "--", "/bin/true"]);
+        timed(&mut c)?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+
+    pub fn stop(&self, h: &mut Harness, name: &str) -> Result<f64, String> {
+        let p = self.path.to_string_lossy().into_owned();
+        let mut c = h.peer_cmd("lxc-stop");
+        c.args(["-k", "-P", &p, "-n", name]);
+        let r = timed(&mut c).map(|(ms, _)| ms);
+        h.drop_undo(&["lxc-stop", "-k", "-P", &p, "-n", name]);
+        let _ = std::fs::remove_dir_all(self.path.join(name));
+        r
+    }
+}
+
+/// QEMU microvm with our kernel and initramfs: start until the guest powers off; ms.
+pub fn qemu_boot(h: &mut Harness, kernel: &Path, initrd: Option<&Path>) -> Result<f64, String> {
+    let mut c = h.peer_cmd("qemu-system-x86_64");
+    c.args([
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-m",
+        "128",
+        "-smp",
+        "1",
+        "-nodefaults",
+    ])
+    .args([
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "null",
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .args([
+        "-append",
+        "console=ttyS0 quiet panic=-1 noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv",
+    ]);
+    if let Some(i) = initrd {
+        c.arg("-initrd").arg(i);
+    }
+    timed(&mut c).map(|(ms, _)| ms)
+}
