@@ -302,7 +302,9 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Demo => crate::demo::run().await,
         Command::Bench(args) => {
             let exe = std::env::current_exe().unwrap_or_else(|_| "ltv".into());
-            tokio::task::spawn_blocking(move || ltv_bench::run(&args, &exe)).await.unwrap_or(1)
+            tokio::task::spawn_blocking(move || ltv_bench::run(&args, &exe))
+                .await
+                .unwrap_or(1)
         }
     }
 }

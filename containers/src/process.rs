@@ -228,6 +228,19 @@ impl Helper {
         }
     }
 
+    /// Reaps the helper if it exits by itself within `timeout`.
+    fn reap_within(&mut self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.reaped && std::time::Instant::now() < deadline {
+            // SAFETY: our own child, not reaped yet.
+            if unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), libc::WNOHANG) } == self.pid {
+                self.reaped = true;
+            } else {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+
     fn kill_and_reap(&mut self) {
         if self.reaped {
             return;
@@ -396,6 +409,9 @@ pub fn exec(
         })
     })();
     if r.is_err() {
+        // A grandchild that already failed exits at once, and so does the helper once it
+        // has reaped it. Killing the helper first would orphan the grandchild to us.
+        h.reap_within(Duration::from_secs(2));
         h.kill_and_reap();
     }
     r

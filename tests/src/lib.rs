@@ -55,24 +55,37 @@ pub struct TestDaemon {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub cgroup_root: String,
-    pub netns: String,
+    /// `None`: the daemon shares the host's network (only for downloads from the apt mirror).
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
 impl TestDaemon {
+    /// A daemon in a network namespace of its own: no packet leaves it.
     pub fn start() -> TestDaemon {
+        Self::start_with(true)
+    }
+
+    /// A daemon on the host's network, for image builds that fetch Debian packages.
+    pub fn start_with_host_network() -> TestDaemon {
+        Self::start_with(false)
+    }
+
+    fn start_with(own_netns: bool) -> TestDaemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}-{n}", std::process::id());
         let dir = tempfile::Builder::new()
             .prefix("ltv-e2e-")
             .tempdir()
             .expect("tempdir");
-        let netns = format!("ltv-e2e-{id}");
-        let status = Command::new("ip")
-            .args(["netns", "add", &netns])
-            .status()
-            .expect("run ip");
-        assert!(status.success(), "ip netns add {netns} failed");
+        let netns = own_netns.then(|| format!("ltv-e2e-{id}"));
+        if let Some(ns) = &netns {
+            let status = Command::new("ip")
+                .args(["netns", "add", ns])
+                .status()
+                .expect("run ip");
+            assert!(status.success(), "ip netns add {ns} failed");
+        }
         let mut d = TestDaemon {
             socket: dir.path().join("ltv.sock"),
             state_dir: dir.path().join("state"),
@@ -88,7 +101,10 @@ impl TestDaemon {
     /// Starts (or restarts) the daemon process inside the test's network namespace.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
-        let netns = std::fs::File::open(format!("/run/netns/{}", self.netns)).expect("open netns");
+        let netns = self
+            .netns
+            .as_ref()
+            .map(|ns| std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -103,15 +119,16 @@ impl TestDaemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        let fd = netns.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        if let Some(fd) = netns.as_ref().map(|f| f.as_raw_fd()) {
+            // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().expect("spawn ltv daemon");
         self.child = Some(child);
@@ -184,10 +201,11 @@ impl TestDaemon {
         let out = self.ltv(args);
         assert!(
             out.status.success(),
-            "ltv {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            "ltv {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -298,9 +316,9 @@ impl Drop for TestDaemon {
         for m in cgroup_mounts() {
             let _ = std::fs::remove_dir(m.join(&self.cgroup_root));
         }
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.netns])
-            .status();
+        if let Some(ns) = &self.netns {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
     }
 }
 

@@ -143,12 +143,24 @@ fn run_env_workdir_stdin_and_tty() {
     assert_eq!(stderr(&out), "done\n", "stderr is kept apart");
     assert!(out.status.success());
 
-    let out = d.ltv(&["run", "--rm", "-t", "busybox", "--", "tty"]);
+    // -t: stdin and stdout are a terminal, and the shell's job control has it as its
+    // controlling terminal.
+    let out = d.ltv(&[
+        "run",
+        "--rm",
+        "-t",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && tty && stty size && ps -o tty= -p 1 | head -1",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text:?} {}", stderr(&out));
+    assert!(text.starts_with("/dev/"), "a terminal: {text:?}");
     assert!(
-        stdout(&out).trim_end().starts_with("/dev/pts/"),
-        "a terminal: {:?} {}",
-        stdout(&out),
-        stderr(&out)
+        text.contains("\r\n"),
+        "the terminal translates newlines: {text:?}"
     );
 }
 

@@ -245,7 +245,8 @@ fn lookup_gid_of_uid(rootfs: &Path, uid: u32) -> Option<u32> {
 
 fn runtime_error(e: process::Error) -> ApiError {
     match e {
-        process::Error::CommandNotFound(msg) => ApiError::command_not_found(msg),
+        process::Error::CommandNotFound(msg) => ApiError::cannot_exec(127, msg),
+        process::Error::CommandNotExecutable(msg) => ApiError::cannot_exec(126, msg),
         process::Error::InvalidSpec(msg) => ApiError::bad_request(msg),
         other => ApiError::internal(other.to_string()),
     }
@@ -282,8 +283,9 @@ impl Backend for ContainerBackend {
         instance: &Instance,
         image: &Image,
         stdio: Stdio,
+        tty: bool,
     ) -> Result<Started, ApiError> {
-        let process = self.main_process(instance, image, false)?;
+        let process = self.main_process(instance, image, tty)?;
         let spec = self.spec(instance, image, process)?;
         let started = blocking(move || process::start(&spec, stdio))
             .await?

@@ -21,12 +21,13 @@ pub trait Backend: Send + Sync {
     fn validate(&self, instance: &Instance, image: &Image) -> Result<(), ApiError>;
     /// Creates the instance's storage.
     async fn create(&self, instance: &Instance, image: &Image) -> Result<(), ApiError>;
-    /// Starts the instance's main process with the given stdio.
+    /// Starts the instance's main process with the given stdio (`tty`: it is a terminal).
     async fn start(
         &self,
         instance: &Instance,
         image: &Image,
         stdio: Stdio,
+        tty: bool,
     ) -> Result<Started, ApiError>;
     /// Asks the main process to stop (SIGTERM, poweroff); `kill` ends it at once.
     async fn signal_stop(&self, instance: &Instance, pid: i32, kill: bool) -> Result<(), ApiError>;

@@ -9,8 +9,9 @@ use axum::Json;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
-    /// The process could not be executed because the command is missing (exit code 127).
-    pub command_not_found: bool,
+    /// The process could not be executed: the exit code a shell reports for it
+    /// (127 command not found, 126 not executable).
+    pub exec_exit: Option<i32>,
 }
 
 impl ApiError {
@@ -18,7 +19,7 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
-            command_not_found: false,
+            exec_exit: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -36,9 +37,10 @@ impl ApiError {
     pub fn not_implemented(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_IMPLEMENTED, message)
     }
-    pub fn command_not_found(message: impl Into<String>) -> Self {
+    /// The command cannot be executed; `code` is 127 (missing) or 126 (not executable).
+    pub fn cannot_exec(code: i32, message: impl Into<String>) -> Self {
         ApiError {
-            command_not_found: true,
+            exec_exit: Some(code),
             ..Self::bad_request(message)
         }
     }

@@ -88,13 +88,13 @@ fn switching_protocols() -> Response {
         .expect("static response")
 }
 
-/// After the upgrade: a command that was not found gets its message and code 127.
-fn stream_not_found(upgrade: OnUpgrade, message: String) {
+/// After the upgrade: a command that cannot be executed gets its message and 127 or 126.
+fn stream_exec_failure(upgrade: OnUpgrade, message: String, code: i32) {
     tokio::spawn(async move {
         if let Ok(up) = upgrade.await {
             let mut io = TokioIo::new(up);
             let _ = write_frame(&mut io, &Frame::Stderr(format!("ltv: {message}\n").into())).await;
-            let _ = write_frame(&mut io, &Frame::Exit(127)).await;
+            let _ = write_frame(&mut io, &Frame::Exit(code)).await;
         }
     });
 }
@@ -166,7 +166,7 @@ async fn instances_post(
     let name = instance.name.clone();
     let (stdio, ends) = pio::attached(attach.stdin, attach.tty)
         .map_err(|e| ApiError::internal(format!("stdio: {e}")))?;
-    match d.start_instance(&name, Some(stdio)).await {
+    match d.start_instance(&name, Some((stdio, attach.tty))).await {
         Ok(pid) => {
             let exit = d.exit_watch(&name);
             let log = d.log_path(&name);
@@ -181,7 +181,11 @@ async fn instances_post(
                 pio::pump(TokioIo::new(up), ends, exited, kill_fn(pid), log.as_deref()).await;
             });
         }
-        Err(e) if e.command_not_found => stream_not_found(upgrade, e.message),
+        Err(ApiError {
+            exec_exit: Some(code),
+            message,
+            ..
+        }) => stream_exec_failure(upgrade, message, code),
         Err(e) => return Err(e),
     }
     Ok(switching_protocols())
@@ -267,7 +271,11 @@ async fn instance_exec(
                 }
             });
         }
-        Err(e) if e.command_not_found => stream_not_found(upgrade, e.message),
+        Err(ApiError {
+            exec_exit: Some(code),
+            message,
+            ..
+        }) => stream_exec_failure(upgrade, message, code),
         Err(e) => return Err(e),
     }
     Ok(switching_protocols())

@@ -94,11 +94,11 @@ impl Daemon {
     }
 
     /// Starts the main process. `stdio` is `None` for a detached start (output to the log).
-    /// With `CommandNotFound` the instance is left `Stopped` with exit code 127.
+    /// A command that cannot be executed leaves it `Stopped` with exit code 127 or 126.
     pub async fn start_instance(
         self: &Arc<Self>,
         name: &str,
-        stdio: Option<Stdio>,
+        stdio: Option<(Stdio, bool)>,
     ) -> Result<i32, ApiError> {
         let lock = self.lock(name);
         let _guard = lock.lock().await;
@@ -111,12 +111,16 @@ impl Daemon {
         }
         let backend = self.backend(instance.kind)?;
         let image = self.instance_image(&instance)?;
-        let stdio = match stdio {
+        // Detached: output to the log, no terminal.
+        let (stdio, tty) = match stdio {
             Some(s) => s,
-            None => pio::detached(&self.log_path(name))
-                .map_err(|e| ApiError::internal(format!("open log: {e}")))?,
+            None => {
+                let log = pio::detached(&self.log_path(name))
+                    .map_err(|e| ApiError::internal(format!("open log: {e}")))?;
+                (log, false)
+            }
         };
-        match backend.start(&instance, &image, stdio).await {
+        match backend.start(&instance, &image, stdio, tty).await {
             Ok(Started { pid, start_time }) => {
                 self.db.set_running(name, pid, start_time)?;
                 self.supervise(name, pid);
@@ -124,7 +128,7 @@ impl Daemon {
             }
             Err(e) => {
                 let _ = backend.cleanup(&instance).await;
-                let code = e.command_not_found.then_some(127);
+                let code = e.exec_exit;
                 self.db.set_stopped(name, code)?;
                 if instance.auto_remove {
                     let _ = backend.delete(&instance).await;

@@ -118,6 +118,7 @@ pub async fn serve(
     if let Err(e) = reaper::become_subreaper() {
         tracing::warn!("cannot become a child subreaper: {e}");
     }
+    reaper::spawn_orphan_reaper();
     let listener = bind_socket(&config.socket).await?;
     let daemon = Daemon::open(config.clone())?;
     instances::readopt(&daemon).await;

@@ -42,6 +42,56 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Adopted orphans to reap: a subreaper gets the processes that `exec` started in a
+/// container when their helper dies first (setns + fork children skip the container's
+/// init). Each is a zombie child of ours inside a deeper pid namespace, never PID 1 there
+/// (that is a container init, which `wait` reaps). Our own direct children in our
+/// namespace are left to whoever waits for them.
+pub fn reap_adopted_orphans() {
+    let me = std::process::id() as i32;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        if is_adopted_zombie(&status, me) {
+            // SAFETY: a zombie child of ours; WNOHANG never blocks.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        }
+    }
+}
+
+fn is_adopted_zombie(status: &str, me: i32) -> bool {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let zombie = field("State:").is_some_and(|s| s.starts_with('Z'));
+    let ours = field("PPid:").and_then(|p| p.parse::<i32>().ok()) == Some(me);
+    let nspids: Vec<&str> = field("NSpid:")
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default();
+    zombie && ours && nspids.len() > 1 && nspids.last() != Some(&"1")
+}
+
+/// Reaps adopted orphans whenever a child exits, and every few seconds.
+pub fn spawn_orphan_reaper() {
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut chld) = signal(SignalKind::child()) else {
+            return;
+        };
+        loop {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), chld.recv()).await;
+            let _ = tokio::task::spawn_blocking(reap_adopted_orphans).await;
+        }
+    });
+}
+
 /// Waits until `pid` ends and reaps it if it is our child.
 pub async fn wait(pid: i32) -> Exit {
     let fd = match pidfd_open(pid) {
@@ -97,6 +147,30 @@ mod tests {
             .spawn()
             .unwrap();
         assert_eq!(wait(child.id() as i32).await, Exit::Code(137));
+    }
+
+    #[test]
+    fn adopted_zombies_are_recognised() {
+        let status = |state: &str, ppid: i32, nspid: &str| {
+            format!("Name:\tsh\nState:\t{state}\nPPid:\t{ppid}\nNSpid:\t{nspid}\n")
+        };
+        assert!(is_adopted_zombie(&status("Z (zombie)", 10, "500 7"), 10));
+        assert!(
+            !is_adopted_zombie(&status("Z (zombie)", 10, "500 1"), 10),
+            "a container init"
+        );
+        assert!(
+            !is_adopted_zombie(&status("Z (zombie)", 10, "500"), 10),
+            "our own namespace"
+        );
+        assert!(
+            !is_adopted_zombie(&status("S (sleeping)", 10, "500 7"), 10),
+            "alive"
+        );
+        assert!(
+            !is_adopted_zombie(&status("Z (zombie)", 11, "500 7"), 10),
+            "not ours"
+        );
     }
 
     #[tokio::test]
