@@ -197,9 +197,19 @@ pub fn lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series: &[Lin
             .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
             .map_err(e)?;
     }
+    // Rising lines end top right: put the legend where they are not.
+    let rising = series.iter().any(|l| {
+        l.points
+            .last()
+            .is_some_and(|p| p.1.is_finite() && p.1 > ymax / 1.1 * 0.6)
+    });
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(if rising {
+            SeriesLabelPosition::UpperLeft
+        } else {
+            SeriesLabelPosition::UpperRight
+        })
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
@@ -273,8 +283,8 @@ pub fn bars(
                         let x0 = ci as f64 - 0.4 + si as f64 * bw;
                         Text::new(
                             fmt_num(v),
-                            (x0, v + ymax * 0.01),
-                            ("sans-serif", 11).into_font(),
+                            (x0, v + ymax * 0.045),
+                            ("sans-serif", 12).into_font(),
                         )
                     }),
             )
