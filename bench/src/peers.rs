@@ -8,6 +8,15 @@ use std::process::Command;
 
 pub const KNOWN: &[&str] = &["crun", "runc", "lxc", "qemu"];
 
+/// The ltv kind a peer is compared with.
+pub fn counterpart(peer: &str) -> &'static str {
+    match peer {
+        "lxc" => "system",
+        "qemu" => "vm",
+        _ => "app",
+    }
+}
+
 fn binary(peer: &str) -> &'static str {
     match peer {
         "crun" => "crun",
@@ -170,7 +179,14 @@ pub struct Lxc {
 }
 
 impl Lxc {
-    pub fn new(h: &Harness, image_rootfs: &Path) -> Result<Lxc, String> {
+    pub fn new(h: &mut Harness, image_rootfs: &Path) -> Result<Lxc, String> {
+        // LXC leaves an `lxc.pivot` cgroup behind; remove it if it is ours.
+        for m in crate::harness::cgroup_mounts() {
+            let p = m.join("lxc.pivot");
+            if !p.exists() {
+                h.push_undo(&["rmdir", &p.to_string_lossy()]);
+            }
+        }
         let path = h.dir.join("lxc");
         let rootfs = h.dir.join("lxc-rootfs");
         std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;

@@ -151,11 +151,12 @@ impl Report {
                 .iter()
                 .filter(|s| s.class == "kind" && !s.samples.is_empty())
             {
-                for p in self
-                    .series
-                    .iter()
-                    .filter(|s| s.class == "peer" && s.metric == k.metric && !s.samples.is_empty())
-                {
+                for p in self.series.iter().filter(|s| {
+                    s.class == "peer"
+                        && s.metric == k.metric
+                        && peers::counterpart(&s.subject) == k.subject
+                        && !s.samples.is_empty()
+                }) {
                     ratios += &format!(
                         "| {} {} | {} | {} / {} ms | {:.2}x |\n",
                         k.subject,
@@ -168,7 +169,7 @@ impl Report {
                 }
             }
             if !ratios.is_empty() {
-                md += "Ratios of medians (ltv kind / peer):\n\n| ltv | peer | p50 | ratio |\n|---|---|---|---|\n";
+                md += "Ratios of medians (ltv kind / its counterpart: app–crun/runc, system–lxc, vm–qemu):\n\n| ltv | peer | p50 | ratio |\n|---|---|---|---|\n";
                 md += &ratios;
                 md += "\n";
             }
