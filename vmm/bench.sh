@@ -3,7 +3,8 @@
 #
 #   vmm/bench.sh [VMLINUX [INITRAMFS]]     (defaults: newest /var/cache/ltv/kernel/*/vmlinux,
 #                                           a fresh guest-kernel/initramfs.sh cpio)
-#   RUNS=1 MEM=128 SKIP_QEMU=1 TIMEOUT=240  (environment knobs)
+#   RUNS=1 MEM=128 SKIP_QEMU=1 SKIP_LTV=1 TIMEOUT=240 CONSOLE=1 (print console lines with
+#   wall times) BASE='...' (kernel command line, default below)
 #
 # Per run it reports: wall time from exec to the first `LTV-READY` console line, wall time to
 # process exit (guest `poweroff -f`), the VMM's PSS at LTV-READY minus the PSS of the guest-RAM
@@ -29,7 +30,7 @@ VMM="$CARGO_TARGET_DIR/release/ltv-vmm"
 command -v qemu-system-x86_64 >/dev/null || SKIP_QEMU=1
 
 COMPAT='noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv ltv_pvm_compat'
-BASE="console=ttyS0 reboot=t quiet ltv.init=poweroff"
+BASE="${BASE:-console=ttyS0 reboot=t quiet ltv.init=poweroff}"
 # ltv-vmm appends the compat switches itself on PVM (and panic=1 pci=off); give QEMU the same.
 QEMU_APPEND="$BASE panic=1 pci=off"
 grep -qs kvm_pvm /proc/modules || [[ -d /sys/module/kvm_pvm ]] && QEMU_APPEND="$QEMU_APPEND $COMPAT"
@@ -38,7 +39,7 @@ echo "vmlinux: $VMLINUX"
 echo "initrd:  $INITRD ($(stat -c %s "$INITRD") bytes), memory ${MEM} MiB, 1 vCPU"
 
 WORK="$WORK" VMM="$VMM" VMLINUX="$VMLINUX" INITRD="$INITRD" MEM="$MEM" BASE="$BASE" \
-QEMU_APPEND="$QEMU_APPEND" RUNS="$RUNS" TIMEOUT="$TIMEOUT" SKIP_QEMU="${SKIP_QEMU:-}" \
+QEMU_APPEND="$QEMU_APPEND" RUNS="$RUNS" TIMEOUT="$TIMEOUT" SKIP_QEMU="${SKIP_QEMU:-}" SKIP_LTV="${SKIP_LTV:-}" CONSOLE="${CONSOLE:-}" \
 python3 - <<'PY'
 import json, os, re, selectors, subprocess, time
 E = os.environ
@@ -77,7 +78,8 @@ def run(name, cmd, env=None):
     buf = {'out': b'', 'err': b''}
     err_lines = []
     open_streams = 2
-    while open_streams and time.monotonic() - t0 < float(E['TIMEOUT']):
+    limit = float(E['TIMEOUT'])
+    while open_streams and time.monotonic() - t0 < limit:
         for key, _ in sel.select(timeout=1.0):
             chunk = os.read(key.fileobj.fileno(), 65536)
             if not chunk:
@@ -90,10 +92,19 @@ def run(name, cmd, env=None):
                 elif ready is None and b'LTV-READY' in l:
                     ready = time.monotonic() - t0
                     mem_at_ready = smaps_overhead(p.pid)
+                    # QEMU without ACPI cannot power off: the guest halts and QEMU stays up.
+                    limit = min(limit, ready + 20)
+                if E.get('CONSOLE'):
+                    print(f'  {name} {time.monotonic() - t0:7.2f} {l.decode(errors="replace")}', flush=True)
     try:
-        rc = p.wait(timeout=max(1, float(E['TIMEOUT']) - (time.monotonic() - t0)))
+        rc = p.wait(timeout=max(1, limit - (time.monotonic() - t0)))
     except subprocess.TimeoutExpired:
-        p.kill(); rc = p.wait(); rc = f'killed after timeout ({rc})'
+        p.terminate()
+        try:
+            rc = p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill(); rc = p.wait()
+        rc = f'still running {limit:.0f} s after start, terminated ({rc})'
     exit_t = time.monotonic() - t0
     ru = None
     cpu = next((l for l in err_lines if 'timing:' in l), None)
@@ -115,10 +126,12 @@ for i in range(int(E['RUNS'])):
            'console_stdout': True}
     json.dump(cfg, open(f'{w}/vm.json', 'w'))
     env = dict(os.environ, LTV_VMM_TIMING='1')
-    run('ltv-vmm', [E['VMM'], '--config', f'{w}/vm.json'], env)
+    if not E.get('SKIP_LTV'):
+        run('ltv-vmm', [E['VMM'], '--config', f'{w}/vm.json'], env)
     if not E.get('SKIP_QEMU'):
         run('qemu-microvm', ['qemu-system-x86_64', '-M', 'microvm,acpi=off,x-option-roms=off',
-             '-enable-kvm', '-cpu', 'host', '-m', str(mem), '-smp', '1', '-nodefaults',
+             # kvm-pvm refuses MSR_IA32_ARCH_CAPABILITIES (0x10a), which QEMU asserts on.
+             '-enable-kvm', '-cpu', 'host,-arch-capabilities', '-m', str(mem), '-smp', '1', '-nodefaults',
              '-no-user-config', '-nographic', '-no-reboot', '-serial', 'stdio',
              '-kernel', E['VMLINUX'], '-initrd', E['INITRD'], '-append', E['QEMU_APPEND']])
 PY
