@@ -238,34 +238,45 @@ impl Lxc {
     }
 }
 
-/// QEMU microvm with our kernel and initramfs: start until the guest powers off; ms.
+/// QEMU microvm with our kernel and initramfs (as guest-kernel/boot-qemu.py boots it):
+/// start until the guest reboots, which `-no-reboot` turns into an exit; ms.
 pub fn qemu_boot(h: &mut Harness, kernel: &Path, initrd: Option<&Path>) -> Result<f64, String> {
     let mut c = h.peer_cmd("qemu-system-x86_64");
-    c.args([
-        "-M",
-        "microvm",
-        "-enable-kvm",
-        "-m",
-        "128",
-        "-smp",
-        "1",
-        "-nodefaults",
-    ])
-    .args([
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "null",
-    ])
-    .arg("-kernel")
-    .arg(kernel)
-    .args([
-        "-append",
-        "console=ttyS0 quiet panic=-1 noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv",
-    ]);
+    c.args(["-M", "microvm,acpi=off,x-option-roms=off", "-enable-kvm"])
+        .args(["-cpu", "host,-arch-capabilities", "-m", "128", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "null", "-kernel"])
+        .arg(kernel)
+        .args([
+            "-append",
+            "console=ttyS0 reboot=t quiet noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv ltv_pvm_compat ltv.init=reboot",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     if let Some(i) = initrd {
         c.arg("-initrd").arg(i);
     }
-    timed(&mut c).map(|(ms, _)| ms)
+    let t = std::time::Instant::now();
+    let mut child = c.spawn().map_err(|e| format!("qemu: {e}"))?;
+    // PVM hosts emulate the guest kernel: boots take tens of seconds; give up at 180 s.
+    loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            return if st.success() {
+                Ok(ms)
+            } else {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                Err(format!("qemu exited with {st}: {}", err.trim()))
+            };
+        }
+        if t.elapsed().as_secs() > 180 || crate::harness::interrupted() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("qemu: no exit within 180 s (or interrupted)".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
