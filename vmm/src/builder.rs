@@ -101,7 +101,7 @@ pub struct MicroVm {
     pub memory_mib: u64,
 }
 
-/// Allows more vCPUs than `max_vcpus_for` on PVM, for investigating SMP on this host.
+/// Allows more vCPUs than `max_vcpus_for` on PVM (oversubscribing host CPUs), for experiments.
 pub const ALLOW_PVM_SMP_ENV: &str = "LTV_PVM_ALLOW_SMP";
 
 pub fn build_microvm(cfg: &ValidatedConfig, flavour: Flavour) -> Result<MicroVm, BuildError> {
