@@ -213,3 +213,47 @@ fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
+
+/// 2 vCPUs take 2-4x longer on PVM (about 190 s here), so this one runs only on request.
+#[test]
+fn boots_guest_kernel_with_two_vcpus() {
+    if std::env::var_os("LTV_TEST_SMP").is_none() {
+        println!("SKIP: set LTV_TEST_SMP=1 to boot with 2 vCPUs (slow on kvm-pvm)");
+        return;
+    }
+    let Some(kernel) = guest_kernel().filter(|p| p.is_file()) else {
+        println!("SKIP: no guest kernel in /var/cache/ltv/kernel/*/vmlinux");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = match guest_initramfs(dir.path()) {
+        Ok(p) => p,
+        Err(why) => {
+            println!("SKIP: no initramfs: {why}");
+            return;
+        }
+    };
+    let console = dir.path().join("console.log");
+    let cfg = write_config(
+        dir.path(),
+        serde_json::json!({"kernel": kernel, "initrd": initrd, "memory_mib": 128, "vcpus": 2,
+                           "cmdline": "console=ttyS0 ltv.init=poweroff", "console_log": console}),
+    );
+    let out = Command::new("timeout")
+        .arg("400")
+        .arg(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .env("LTV_PVM_ALLOW_SMP", "1")
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(log.contains("Brought up 1 node, 2 CPUs"), "console:\n{log}");
+    assert!(log.contains("LTV-READY"), "console:\n{log}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
