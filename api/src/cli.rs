@@ -36,6 +36,9 @@ pub enum Command {
         /// Top-level cgroup for this daemon's instances.
         #[arg(long, env = "LTV_CGROUP_ROOT", default_value = "ltv")]
         cgroup_root: String,
+        /// Container helpers kept pre-spawned to cut start latency (cgroup v1; 0 turns it off).
+        #[arg(long, default_value_t = 1)]
+        pool: usize,
     },
     /// Create and start an application container in the foreground.
     Run(RunArgs),
@@ -210,11 +213,13 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Daemon {
             state_dir,
             cgroup_root,
+            pool,
         } => {
             let config = DaemonConfig {
                 state_dir,
                 socket: cli.socket,
                 cgroup_root,
+                pool_size: pool,
             };
             match crate::daemon::serve(config, shutdown_signal()).await {
                 Ok(()) => 0,

@@ -32,6 +32,7 @@ pub async fn run() -> i32 {
         state_dir: dir.path().join("state"),
         socket: dir.path().join("ltv.sock"),
         cgroup_root: format!("ltv-demo-{}", std::process::id()),
+        pool_size: 1,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(daemon::serve(config.clone(), async {

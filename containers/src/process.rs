@@ -13,8 +13,8 @@ use crate::security;
 use crate::spec::{ContainerSpec, NetworkMode, ProcessSpec};
 use serde::{Deserialize, Serialize};
 use std::ffi::CString;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -74,6 +74,10 @@ fn setup(stage: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 enum InitMsg {
     Start {
         spec: ContainerSpec,
+        /// The helper mounts the overlay in its own mount namespace (the host never
+        /// sees it). Idmapped layers need the host's user namespace, so the parent
+        /// mounts those.
+        mount_rootfs: bool,
     },
     Exec {
         spec: ContainerSpec,
@@ -119,6 +123,10 @@ fn validate(spec: &ContainerSpec) -> Result<(), Error> {
     Ok(())
 }
 
+fn errno_io(e: nix::errno::Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| setup("create pipe")(std::io::Error::from_raw_os_error(e as i32)))
@@ -136,19 +144,27 @@ struct Helper {
 
 impl Helper {
     /// `cgroup`: a v2 directory to clone the helper straight into. `in_cgroup` in the
-    /// result tells whether that happened.
-    fn spawn(stdio: Stdio, flags: libc::c_int, cgroup: Option<&OwnedFd>) -> Result<Helper, Error> {
-        let (ctl_r, ctl_w) = pipe()?;
+    /// result tells whether that happened. The helper gets its stdio later, with its
+    /// message, so that a spare one can wait in a pool before anyone asks for it.
+    fn spawn(flags: libc::c_int, cgroup: Option<&OwnedFd>) -> Result<Helper, Error> {
+        let (ctl_parent, ctl_child) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| setup("create control socket")(errno_io(e)))?;
         let (st_r, st_w) = pipe()?;
+        let null = std::fs::File::open("/dev/null").map_err(setup("open /dev/null"))?;
         let prep = PreparedExec::new(
             "/proc/self/exe",
             &["ltv-init", INIT_ARG],
             &[],
             &[
-                (stdio.stdin.as_raw_fd(), 0),
-                (stdio.stdout.as_raw_fd(), 1),
-                (stdio.stderr.as_raw_fd(), 2),
-                (ctl_r.as_raw_fd(), CTL_FD),
+                (null.as_raw_fd(), 0),
+                (null.as_raw_fd(), 1),
+                (null.as_raw_fd(), 2),
+                (ctl_child.as_raw_fd(), CTL_FD),
                 (st_w.as_raw_fd(), STATUS_FD),
             ],
             Some(CTL_FD),
@@ -168,10 +184,10 @@ impl Helper {
                 .map_err(setup("clone container process"))?,
         };
         // Our copies must go, or EOF on the status pipe would never come.
-        drop((prep, ctl_r, st_w, stdio));
+        drop((prep, ctl_child, st_w, null));
         Ok(Helper {
             pid,
-            ctl: Some(ctl_w),
+            ctl: Some(ctl_parent),
             status: st_r,
             reaped: false,
             in_cgroup,
@@ -184,11 +200,31 @@ impl Helper {
         self.write_ctl(b"G", false)
     }
 
-    /// Sends the message and closes the pipe.
-    fn send(&mut self, msg: &InitMsg) -> Result<(), Error> {
+    /// Sends the message with the process's stdio attached (SCM_RIGHTS) and closes the
+    /// socket: the helper reads to EOF.
+    fn send(&mut self, msg: &InitMsg, stdio: Stdio) -> Result<(), Error> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         let buf =
             serde_json::to_vec(msg).map_err(|e| setup("encode spec")(std::io::Error::other(e)))?;
-        self.write_ctl(&buf, true)
+        let Some(fd) = self.ctl.take() else {
+            return Ok(());
+        };
+        let fds = [stdio.stdin.as_raw_fd(), stdio.stdout.as_raw_fd(), stdio.stderr.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(&buf)];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let sent = match sendmsg::<()>(fd.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => n,
+            // The helper died: its status (if any) tells why.
+            Err(nix::errno::Errno::EPIPE) | Err(nix::errno::Errno::ECONNRESET) => return Ok(()),
+            Err(e) => return Err(setup("send spec to container init")(errno_io(e))),
+        };
+        self.ctl = Some(fd);
+        if sent < buf.len() {
+            self.write_ctl(&buf[sent..], true)
+        } else {
+            self.ctl = None;
+            Ok(())
+        }
     }
 
     fn write_ctl(&mut self, buf: &[u8], close: bool) -> Result<(), Error> {
@@ -199,7 +235,14 @@ impl Helper {
         // EPIPE means the helper died: its status (if any) tells why.
         let r = match f.write_all(buf) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(setup("send spec to container init")(e)),
         };
         if !close {
@@ -298,7 +341,8 @@ fn read_with_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<Option<
 }
 
 /// Creates the container (cgroup, overlay, namespaces) and runs its first process.
-pub fn start(spec: &ContainerSpec, stdio: Stdio) -> Result<Started, Error> {
+/// With a `pool`, a pre-spawned helper is used when one fits (see [`Pool`]).
+pub fn start(spec: &ContainerSpec, stdio: Stdio, pool: Option<&Pool>) -> Result<Started, Error> {
     validate(spec)?;
     let cg = cgroups::manager(&spec.cgroup);
     // A group that already holds processes belongs to a running container: refuse, and
@@ -314,7 +358,8 @@ pub fn start(spec: &ContainerSpec, stdio: Stdio) -> Result<Started, Error> {
     }
     let mut mounted = false;
     let mut helper: Option<Helper> = None;
-    let r = start_inner(spec, stdio, cg.as_ref(), &mut mounted, &mut helper);
+    let spare = pool.and_then(|p| p.take_for(spec));
+    let r = start_inner(spec, stdio, cg.as_ref(), spare, &mut mounted, &mut helper);
     if r.is_err() {
         if let Some(h) = helper.as_mut() {
             h.kill_and_reap();
@@ -336,35 +381,210 @@ fn start_inner(
     spec: &ContainerSpec,
     stdio: Stdio,
     cg: &dyn CgroupManager,
+    spare: Option<Spare>,
     mounted: &mut bool,
     helper: &mut Option<Helper>,
 ) -> Result<Started, Error> {
-    cg.create().map_err(setup("create cgroup"))?;
-    cg.apply(&spec.limits)
-        .map_err(setup("apply cgroup limits"))?;
-    rootfs::mount_overlay(&spec.rootfs, spec.idmap.as_ref()).map_err(setup("mount rootfs"))?;
-    *mounted = true;
-    let cg_fd = cgroup_dir_fd(cg);
-    let h = helper.insert(Helper::spawn(
-        stdio,
-        namespaces::clone_flags(spec.idmap.is_some()),
-        cg_fd.as_ref(),
-    )?);
-    if let Some(m) = &spec.idmap {
-        namespaces::write_id_maps(h.pid, m).map_err(setup("write user namespace id maps"))?;
-    }
-    h.release()?;
-    if !h.in_cgroup {
-        cg.add_process(h.pid).map_err(setup("add init to cgroup"))?;
-    }
+    let h = match spare {
+        // Its cgroup was made and joined ahead of time: it only needs our name.
+        Some(spare) => {
+            let h = helper.insert(spare.helper);
+            spare.cgroup.rename_to(&spec.cgroup).map_err(setup("claim spare cgroup"))?;
+            cg.apply(&spec.limits).map_err(setup("apply cgroup limits"))?;
+            h
+        }
+        None => {
+            cg.create().map_err(setup("create cgroup"))?;
+            cg.apply(&spec.limits).map_err(setup("apply cgroup limits"))?;
+            if spec.idmap.is_some() {
+                rootfs::mount_overlay(&spec.rootfs, spec.idmap.as_ref())
+                    .map_err(setup("mount rootfs"))?;
+                *mounted = true;
+            }
+            let cg_fd = cgroup_dir_fd(cg);
+            let h = helper.insert(Helper::spawn(
+                namespaces::clone_flags(spec.idmap.is_some()),
+                cg_fd.as_ref(),
+            )?);
+            if let Some(m) = &spec.idmap {
+                namespaces::write_id_maps(h.pid, m)
+                    .map_err(setup("write user namespace id maps"))?;
+            }
+            h.release()?;
+            if !h.in_cgroup {
+                cg.add_process(h.pid).map_err(setup("add init to cgroup"))?;
+            }
+            h
+        }
+    };
     let start_time = proc_start_time(h.pid)
         .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
-    h.send(&InitMsg::Start { spec: spec.clone() })?;
+    let msg = InitMsg::Start {
+        spec: spec.clone(),
+        mount_rootfs: spec.idmap.is_none(),
+    };
+    h.send(&msg, stdio)?;
     h.wait_status()?;
     Ok(Started {
         pid: h.pid,
         start_time,
     })
+}
+
+/// A helper cloned ahead of time (namespaces made, cgroup joined), waiting for a spec.
+struct Spare {
+    helper: Helper,
+    cgroup: SpareCgroup,
+}
+
+/// The spare's cgroup, `<root>/.spare-<n>`, renamed to the container's on claim.
+struct SpareCgroup {
+    path: String,
+}
+
+impl SpareCgroup {
+    fn rename_to(&self, target: &str) -> std::io::Result<()> {
+        let mounts = crate::mountinfo::read_self()?;
+        let dirs: Vec<PathBuf> = mounts
+            .iter()
+            .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+            .map(|m| m.mount_point.clone())
+            .filter(|mp| mp.join(&self.path).is_dir())
+            .collect();
+        for mp in &dirs {
+            std::fs::rename(mp.join(&self.path), mp.join(target))?;
+        }
+        Ok(())
+    }
+}
+
+/// Pre-spawned container helpers for containers without a user namespace.
+///
+/// On cgroup v1, moving a process into a cgroup waits for an RCU grace period (5 to
+/// 15 ms here), most of a container's start time. A spare helper pays it ahead of time
+/// in a cgroup of its own, which is renamed to the container's when claimed (renaming
+/// is cheap). On v2, CLONE_INTO_CGROUP makes the move free and the pool stays unused.
+pub struct Pool {
+    /// Parent of the spares' cgroups: a claim must be for a container under it.
+    root: String,
+    size: usize,
+    spares: std::sync::Mutex<Vec<Spare>>,
+    counter: std::sync::atomic::AtomicU64,
+}
+
+impl Pool {
+    /// A pool of `size` spares under cgroup `root`; `None` where it would not help (v2).
+    pub fn new(root: &str, size: usize) -> Option<Pool> {
+        if size == 0 || cgroups::Layout::detect() == cgroups::Layout::V2 {
+            return None;
+        }
+        Some(Pool {
+            root: root.trim_matches('/').to_string(),
+            size,
+            spares: std::sync::Mutex::new(Vec::new()),
+            counter: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn take_for(&self, spec: &ContainerSpec) -> Option<Spare> {
+        let parent = spec.cgroup.trim_matches('/').rsplit_once('/').map(|(p, _)| p);
+        if spec.idmap.is_some() || parent != Some(self.root.as_str()) {
+            return None;
+        }
+        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        // A spare that died meanwhile (killed from outside) is dropped.
+        while let Some(mut s) = spares.pop() {
+            if proc_start_time(s.helper.pid).is_some() {
+                return Some(s);
+            }
+            s.discard();
+        }
+        None
+    }
+
+    /// Tops the pool up; blocking (each spare costs a cgroup move). Call it off the
+    /// request path, e.g. after each start.
+    pub fn refill(&self) {
+        loop {
+            if self.spares.lock().unwrap_or_else(|p| p.into_inner()).len() >= self.size {
+                return;
+            }
+            match self.spawn_spare() {
+                Ok(s) => self.spares.lock().unwrap_or_else(|p| p.into_inner()).push(s),
+                Err(e) => {
+                    tracing::warn!("container pool: cannot spawn a spare helper: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn spawn_spare(&self) -> Result<Spare, Error> {
+        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = format!("{}/.spare-{}-{n}", self.root, std::process::id());
+        let cg = cgroups::manager(&path);
+        cg.create().map_err(setup("create spare cgroup"))?;
+        let spare = (|| {
+            let mut h = Helper::spawn(namespaces::clone_flags(false), None)?;
+            let joined = h.release().and_then(|_| {
+                cg.add_process(h.pid)
+                    .map_err(setup("add spare helper to cgroup"))
+            });
+            if let Err(e) = joined {
+                h.kill_and_reap();
+                return Err(e);
+            }
+            Ok(h)
+        })();
+        match spare {
+            Ok(helper) => Ok(Spare {
+                helper,
+                cgroup: SpareCgroup { path },
+            }),
+            Err(e) => {
+                let _ = cg.remove();
+                Err(e)
+            }
+        }
+    }
+
+    /// Kills the spares and removes their cgroups, also those a previous daemon left.
+    pub fn drain(&self) {
+        for mut s in std::mem::take(&mut *self.spares.lock().unwrap_or_else(|p| p.into_inner())) {
+            s.discard();
+        }
+        remove_stale_spares(&self.root);
+    }
+}
+
+impl Spare {
+    fn discard(&mut self) {
+        self.helper.kill_and_reap();
+        let _ = cgroups::manager(&self.cgroup.path).remove();
+    }
+}
+
+/// Spare cgroups under `root` whose processes are gone or not ours: kill and remove.
+pub fn remove_stale_spares(root: &str) {
+    let Ok(mounts) = crate::mountinfo::read_self() else {
+        return;
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for m in mounts.iter().filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2") {
+        if let Ok(dir) = std::fs::read_dir(m.mount_point.join(root.trim_matches('/'))) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".spare-") {
+                    names.insert(name);
+                }
+            }
+        }
+    }
+    for name in names {
+        let cg = cgroups::manager(&format!("{}/{name}", root.trim_matches('/')));
+        let _ = cg.kill_all();
+        let _ = cg.remove();
+    }
 }
 
 /// An fd of the v2 cgroup directory for CLONE_INTO_CGROUP; `None` on v1 or on error
@@ -388,7 +608,7 @@ pub fn exec(
     }
     let cg = cgroups::manager(&spec.cgroup);
     let cg_fd = cgroup_dir_fd(cg.as_ref());
-    let mut h = Helper::spawn(stdio, 0, cg_fd.as_ref())?;
+    let mut h = Helper::spawn(0, cg_fd.as_ref())?;
     let r = (|| {
         h.release()?;
         if !h.in_cgroup {
@@ -397,11 +617,14 @@ pub fn exec(
         }
         let start_time = proc_start_time(h.pid)
             .ok_or_else(|| Error::Init(format!("exec helper (pid {}) vanished", h.pid)))?;
-        h.send(&InitMsg::Exec {
-            spec: spec.clone(),
-            init_pid,
-            process: process.clone(),
-        })?;
+        h.send(
+            &InitMsg::Exec {
+                spec: spec.clone(),
+                init_pid,
+                process: process.clone(),
+            },
+            stdio,
+        )?;
         h.wait_status()?;
         Ok(Started {
             pid: h.pid,
@@ -554,7 +777,7 @@ pub fn init_main() -> ! {
     let r = std::panic::catch_unwind(|| {
         let msg = helper_prologue()?;
         match msg {
-            InitMsg::Start { spec } => init_start(&spec),
+            InitMsg::Start { spec, mount_rootfs } => init_start(&spec, mount_rootfs),
             InitMsg::Exec {
                 spec,
                 init_pid,
@@ -588,19 +811,52 @@ fn helper_prologue() -> InitResult<InitMsg> {
         // Anything else inherited from the daemon must not reach the container.
         libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
     }
-    // SAFETY: CTL_FD was set up by the parent for us alone.
-    let mut ctl = unsafe { std::fs::File::from_raw_fd(CTL_FD) };
-    let mut buf = Vec::new();
-    ctl.read_to_end(&mut buf).map_err(|e| ("read spec", e))?;
-    drop(ctl);
+    let buf = receive_message().map_err(|e| ("read spec", e))?;
     serde_json::from_slice(&buf).map_err(|e| ("decode spec", e).into())
+}
+
+/// Reads the message to EOF; the stdio descriptors that come with it become 0, 1 and 2.
+fn receive_message() -> std::io::Result<Vec<u8>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut stdio_set = false;
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(CTL_FD, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(errno_io)?;
+        let n = msg.bytes;
+        for c in msg.cmsgs().map_err(errno_io)? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for (i, fd) in fds.iter().enumerate() {
+                    if i < 3 && !stdio_set {
+                        // SAFETY: dup2 onto our stdio, then close the received copy.
+                        unsafe {
+                            libc::dup2(*fd, i as RawFd);
+                        }
+                    }
+                    // SAFETY: closing a descriptor we just received.
+                    unsafe { libc::close(*fd) };
+                }
+                stdio_set = true;
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: done with the control socket.
+    unsafe { libc::close(CTL_FD) };
+    Ok(out)
 }
 
 fn errno_str(e: nix::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
 }
 
-fn init_start(spec: &ContainerSpec) -> InitResult<std::convert::Infallible> {
+fn init_start(spec: &ContainerSpec, mount_rootfs: bool) -> InitResult<std::convert::Infallible> {
     // Built first: a filter that cannot compile must fail before anything else.
     let filters = security::default_seccomp().map_err(|e| ("seccomp", e))?;
     let cg_mounts = rootfs::CgroupMounts::detect().map_err(|e| ("rootfs", e))?;
@@ -608,6 +864,11 @@ fn init_start(spec: &ContainerSpec) -> InitResult<std::convert::Infallible> {
     nix::unistd::sethostname(&spec.hostname).map_err(|e| ("set hostname", errno_str(e)))?;
     if spec.network == NetworkMode::Loopback {
         namespaces::loopback_up().map_err(|e| ("bring lo up", e))?;
+    }
+    if mount_rootfs {
+        // Private first: the overlay must not propagate back to the host.
+        rootfs::make_private().map_err(|e| ("rootfs", e))?;
+        rootfs::mount_overlay(&spec.rootfs, None).map_err(|e| ("mount rootfs", e))?;
     }
     rootfs::setup(&spec.rootfs.mountpoint, spec.process.tty, &cg_mounts)
         .map_err(|e| ("rootfs", e))?;

@@ -254,6 +254,17 @@ const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Builds the container's view under `root` (the overlay mountpoint), in a fresh mount
 /// namespace, then makes it `/`. `tty` binds the terminal on fd 0 at /dev/console.
+/// Stops mounts made from here on from propagating to other namespaces.
+pub fn make_private() -> Result<()> {
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )
+}
+
 pub fn setup(root: &Path, tty: bool, cg: &CgroupMounts) -> Result<()> {
     let nsfl = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     // Nothing we mount may leak back to the host.

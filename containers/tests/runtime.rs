@@ -33,6 +33,7 @@ fn main() {
         ("user_namespace", user_namespace),
         ("tty", tty),
         ("cgroup_v2_on_real_mount", cgroup_v2_on_real_mount),
+        ("pool_spare_becomes_the_container", pool_spare_becomes_the_container),
         ("timing", timing),
         ("concurrent_from_threads", concurrent_from_threads),
         (
@@ -278,7 +279,7 @@ fn container_basics_exec_destroy(env: &Env) {
         &["sh", "-c", &format!("{REPORT}; exec sleep 1000")],
     );
     let (io, r) = stdio();
-    let Started { pid, start_time } = process::start(&spec, io).expect("start");
+    let Started { pid, start_time } = process::start(&spec, io, None).expect("start");
     assert_eq!(process::proc_start_time(pid), Some(start_time));
     let mut f = std::fs::File::from(r);
     let out = read_until(&mut f, "END");
@@ -346,7 +347,7 @@ fn container_basics_exec_destroy(env: &Env) {
     assert!(cg.processes().unwrap().contains(&pid));
     // A second start on the same cgroup must not touch the running container.
     let (io, _r) = stdio();
-    match process::start(&spec, io) {
+    match process::start(&spec, io, None) {
         Err(Error::Setup { stage, source }) => {
             assert_eq!(stage, "create cgroup");
             assert_eq!(source.kind(), std::io::ErrorKind::AlreadyExists);
@@ -406,7 +407,7 @@ fn container_basics_exec_destroy(env: &Env) {
 fn missing_command_cleans_up(env: &Env) {
     let spec = env.spec("missing", &["does-not-exist"]);
     let (io, _r) = stdio();
-    match process::start(&spec, io) {
+    match process::start(&spec, io, None) {
         Err(Error::CommandNotFound(m)) => {
             assert_eq!(
                 m,
@@ -419,7 +420,7 @@ fn missing_command_cleans_up(env: &Env) {
     let spec = env.spec("noexec", &["/bin/notexec"]);
     let (io, _r) = stdio();
     assert!(matches!(
-        process::start(&spec, io),
+        process::start(&spec, io, None),
         Err(Error::CommandNotExecutable(_))
     ));
     assert_gone(&spec);
@@ -428,7 +429,7 @@ fn missing_command_cleans_up(env: &Env) {
     spec.cgroup = "../escape".into();
     let (io, _r) = stdio();
     assert!(matches!(
-        process::start(&spec, io),
+        process::start(&spec, io, None),
         Err(Error::InvalidSpec(_))
     ));
 }
@@ -445,7 +446,7 @@ fn user_namespace(env: &Env) {
     });
     spec.network = NetworkMode::None;
     let (io, r) = stdio();
-    let s = process::start(&spec, io).expect("start userns");
+    let s = process::start(&spec, io, None).expect("start userns");
     let (io2, r2) = stdio();
     let mut p = spec.process.clone();
     p.args = vec![
@@ -470,6 +471,46 @@ fn user_namespace(env: &Env) {
     assert_gone(&spec);
 }
 
+fn pool_spare_becomes_the_container(env: &Env) {
+    let Some(pool) = process::Pool::new(&env.cg_parent, 1) else {
+        eprintln!("pool: skipped (cgroup v2 host: CLONE_INTO_CGROUP makes the pool moot)");
+        return;
+    };
+    pool.refill();
+    let spares = || {
+        cgroup_roots()
+            .iter()
+            .filter_map(|r| std::fs::read_dir(r.join(&env.cg_parent)).ok())
+            .flat_map(|d| d.flatten())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".spare-"))
+            .count()
+    };
+    assert!(spares() > 0, "a spare cgroup exists after refill");
+    let spec = env.spec("pooled", &["sh", "-c", &format!("{REPORT}; exec sleep 1000")]);
+    let (io, r) = stdio();
+    let s = process::start(&spec, io, Some(&pool)).expect("start from the pool");
+    let out = read_until(&mut std::fs::File::from(r), "END");
+    assert_eq!(field(&out, "hostname="), "host-pooled");
+    assert_eq!(field(&out, "pid="), "1");
+    assert_eq!(field(&out, "Seccomp:"), "2");
+    assert_eq!(spares(), 0, "the spare's cgroup was renamed to the container's");
+    let procs = cgroup_dirs(&spec)
+        .iter()
+        .map(|d| std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default())
+        .collect::<Vec<_>>();
+    assert!(procs.iter().all(|p| p.contains(&s.pid.to_string())), "init in every hierarchy: {procs:?}");
+    // The overlay lives only in the container's mount namespace.
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!host_mounts.contains(spec.rootfs.mountpoint.to_str().unwrap()));
+    process::destroy(&spec).expect("destroy");
+    assert_eq!(wait(s.pid), 137);
+    assert_gone(&spec);
+    pool.refill();
+    assert!(spares() > 0);
+    pool.drain();
+    assert_eq!(spares(), 0, "drain removes spares");
+}
+
 fn tty(env: &Env) {
     let mut spec = env.spec(
         "tty",
@@ -486,7 +527,7 @@ fn tty(env: &Env) {
         stdout: pty.slave.try_clone().unwrap(),
         stderr: pty.slave,
     };
-    let s = process::start(&spec, io).expect("start with tty");
+    let s = process::start(&spec, io, None).expect("start with tty");
     assert_eq!(wait(s.pid), 0);
     let mut f = std::fs::File::from(pty.master);
     let mut out = Vec::new();
@@ -546,7 +587,7 @@ fn timing(env: &Env) {
         let spec = env.spec(&format!("timing{i}"), &["true"]);
         let (io, _r) = stdio();
         let t0 = std::time::Instant::now();
-        let s = process::start(&spec, io).expect("start");
+        let s = process::start(&spec, io, None).expect("start");
         let t1 = t0.elapsed();
         assert_eq!(wait(s.pid), 0);
         let t2 = t0.elapsed();
@@ -600,7 +641,7 @@ fn pure_v2_in_private_mount_ns(env: &Env) {
     );
     spec.limits = Limits::default();
     let (io, r) = stdio();
-    let s = process::start(&spec, io).expect("start on v2");
+    let s = process::start(&spec, io, None).expect("start on v2");
     let mut f = std::fs::File::from(r);
     let out = read_until(&mut f, "END");
     eprint!("{out}");
@@ -645,7 +686,7 @@ fn concurrent_from_threads(env: &Env) {
             .map(|(i, spec)| {
                 sc.spawn(move || {
                     let (io, r) = stdio();
-                    let s = process::start(spec, io).expect("start");
+                    let s = process::start(spec, io, None).expect("start");
                     // Allocating and locking in parallel while others clone.
                     let v: Vec<String> = (0..1000).map(|n| n.to_string()).collect();
                     assert_eq!(v.len(), 1000);
@@ -678,7 +719,7 @@ fn non_root_user_and_tight_memory(env: &Env) {
     // The daemon's minimum.
     spec.limits.memory_bytes = Some(4 << 20);
     let (io, r) = stdio();
-    let s = process::start(&spec, io).expect("start as uid 1000");
+    let s = process::start(&spec, io, None).expect("start as uid 1000");
     assert_eq!(wait(s.pid), 0);
     let out = read_all(r);
     eprint!("{out}");

@@ -9,6 +9,7 @@ use ltv_containers::cgroups;
 use ltv_containers::process::{self, Stdio};
 use ltv_containers::spec::{ContainerSpec, Limits, NetworkMode, ProcessSpec, RootfsSpec};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub struct ContainerBackend {
     /// `<state>/instances`
@@ -17,14 +18,30 @@ pub struct ContainerBackend {
     images_dir: PathBuf,
     /// Our top-level cgroup, relative to each hierarchy root.
     cgroup_root: String,
+    /// Pre-spawned helpers (cgroup v1 only), refilled after each start.
+    pool: Option<Arc<process::Pool>>,
 }
 
 impl ContainerBackend {
-    pub fn new(instances_dir: PathBuf, images_dir: PathBuf, cgroup_root: String) -> Self {
-        ContainerBackend {
+    /// `pool_size` spare helpers are kept ready (0: none).
+    pub fn new(instances_dir: PathBuf, images_dir: PathBuf, cgroup_root: String, pool_size: usize) -> Self {
+        // Spares a previous daemon left behind are not ours to claim.
+        process::remove_stale_spares(&cgroup_root);
+        let pool = process::Pool::new(&cgroup_root, pool_size).map(Arc::new);
+        let backend = ContainerBackend {
             instances_dir,
             images_dir,
             cgroup_root,
+            pool,
+        };
+        backend.refill_pool();
+        backend
+    }
+
+    fn refill_pool(&self) {
+        if let Some(pool) = self.pool.clone() {
+            // A dedicated thread: the refill waits on the kernel, not the runtime.
+            std::thread::spawn(move || pool.refill());
         }
     }
 
@@ -287,9 +304,10 @@ impl Backend for ContainerBackend {
     ) -> Result<Started, ApiError> {
         let process = self.main_process(instance, image, tty)?;
         let spec = self.spec(instance, image, process)?;
-        let started = blocking(move || process::start(&spec, stdio))
-            .await?
-            .map_err(runtime_error)?;
+        let pool = self.pool.clone();
+        let started = blocking(move || process::start(&spec, stdio, pool.as_deref())).await?;
+        self.refill_pool();
+        let started = started.map_err(runtime_error)?;
         Ok(Started {
             pid: started.pid,
             start_time: started.start_time,
@@ -353,6 +371,12 @@ impl Backend for ContainerBackend {
             pid: started.pid,
             start_time: started.start_time,
         })
+    }
+
+    async fn shutdown(&self) {
+        if let Some(pool) = self.pool.clone() {
+            let _ = blocking(move || pool.drain()).await;
+        }
     }
 
     async fn usage(&self, instance: &Instance) -> Option<Usage> {

@@ -44,6 +44,8 @@ pub trait Backend: Send + Sync {
         req: &ExecPost,
         stdio: Stdio,
     ) -> Result<Started, ApiError>;
+    /// The daemon is stopping: free what the backend holds for itself (instances stay).
+    async fn shutdown(&self) {}
     /// Current resource usage of a running instance.
     async fn usage(&self, instance: &Instance) -> Option<Usage>;
 }

@@ -79,6 +79,7 @@ impl Daemon {
             auto_remove: req.auto_remove,
             usage: None,
         };
+        let t = std::time::Instant::now();
         backend.validate(&instance, &image)?;
         if !self.db.insert_instance(&instance)? {
             return Err(ApiError::conflict(format!(
@@ -90,6 +91,7 @@ impl Daemon {
             let _ = self.db.delete_instance(&name);
             return Err(e);
         }
+        tracing::debug!(instance = %name, ms = t.elapsed().as_secs_f64() * 1e3, "created");
         Ok(instance)
     }
 
@@ -120,8 +122,10 @@ impl Daemon {
                 (log, false)
             }
         };
+        let t = std::time::Instant::now();
         match backend.start(&instance, &image, stdio, tty).await {
             Ok(Started { pid, start_time }) => {
+                tracing::debug!(instance = name, pid, ms = t.elapsed().as_secs_f64() * 1e3, "started");
                 self.db.set_running(name, pid, start_time)?;
                 self.supervise(name, pid);
                 Ok(pid)
@@ -160,19 +164,23 @@ impl Daemon {
             return;
         };
         let instance = row.instance;
+        let t = std::time::Instant::now();
         if let Ok(backend) = self.backend(instance.kind) {
-            if let Err(e) = backend.cleanup(&instance).await {
-                tracing::error!(instance = name, "cleanup after exit failed: {e}");
-            }
             if instance.auto_remove {
+                // delete() cleans up too.
                 if let Err(e) = backend.delete(&instance).await {
                     tracing::error!(instance = name, "auto-remove failed: {e}");
                 }
                 let _ = self.db.delete_instance(name);
+                tracing::debug!(instance = name, ?exit, ms = t.elapsed().as_secs_f64() * 1e3, "exited and removed");
                 return;
+            }
+            if let Err(e) = backend.cleanup(&instance).await {
+                tracing::error!(instance = name, "cleanup after exit failed: {e}");
             }
         }
         let _ = self.db.set_stopped(name, exit.code());
+        tracing::debug!(instance = name, ?exit, ms = t.elapsed().as_secs_f64() * 1e3, "exited and cleaned up");
     }
 
     /// The main process's exit, once the instance's resources are freed.

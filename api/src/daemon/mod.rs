@@ -28,6 +28,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// Top-level cgroup of this daemon's instances, relative to each hierarchy root.
     pub cgroup_root: String,
+    /// Container helpers kept pre-spawned to cut start latency (cgroup v1 only).
+    pub pool_size: usize,
 }
 
 pub struct Daemon {
@@ -58,6 +60,7 @@ impl Daemon {
                 instances_dir,
                 images.root().to_path_buf(),
                 config.cgroup_root.clone(),
+                config.pool_size,
             )),
         );
         Ok(Arc::new(Daemon {
@@ -123,10 +126,25 @@ pub async fn serve(
     let daemon = Daemon::open(config.clone())?;
     instances::readopt(&daemon).await;
     tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "ltv daemon listening");
-    let app = handlers::router(daemon);
+    let app = handlers::router(daemon.clone());
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = std::fs::remove_file(&config.socket);
+    for backend in daemon.backends.values() {
+        backend.shutdown().await;
+    }
+    remove_empty_cgroup_root(&config.cgroup_root);
     result.context("serve API")
+}
+
+/// Our top-level cgroup goes with the daemon once no instance is left in it; a plain
+/// rmdir fails on a group that still has children, so running instances are safe.
+fn remove_empty_cgroup_root(root: &str) {
+    let Ok(mounts) = ltv_containers::mountinfo::read_self() else {
+        return;
+    };
+    for m in mounts.iter().filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2") {
+        let _ = std::fs::remove_dir(m.mount_point.join(root));
+    }
 }
