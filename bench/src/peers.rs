@@ -239,44 +239,60 @@ impl Lxc {
 }
 
 /// QEMU microvm with our kernel and initramfs (as guest-kernel/boot-qemu.py boots it):
-/// start until the guest reboots, which `-no-reboot` turns into an exit; ms.
+/// start until the guest's /init prints `LTV-READY` on the console; ms. QEMU is then
+/// killed (a guest reboot does not reliably end QEMU on kvm-pvm hosts).
 pub fn qemu_boot(h: &mut Harness, kernel: &Path, initrd: Option<&Path>) -> Result<f64, String> {
+    use std::io::Read;
     let mut c = h.peer_cmd("qemu-system-x86_64");
     c.args(["-M", "microvm,acpi=off,x-option-roms=off", "-enable-kvm"])
         .args(["-cpu", "host,-arch-capabilities", "-m", "128", "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-serial", "null", "-kernel"])
+        .args(["-serial", "stdio", "-kernel"])
         .arg(kernel)
         .args([
             "-append",
-            "console=ttyS0 reboot=t quiet noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv ltv_pvm_compat ltv.init=reboot",
+            "console=ttyS0 reboot=t quiet noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv ltv_pvm_compat",
         ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
     if let Some(i) = initrd {
         c.arg("-initrd").arg(i);
     }
     let t = std::time::Instant::now();
     let mut child = c.spawn().map_err(|e| format!("qemu: {e}"))?;
+    let mut out = child.stdout.take().ok_or("qemu stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(9).any(|w| w == b"LTV-READY") {
+                let _ = tx.send(());
+                break;
+            }
+            if seen.len() > 1 << 20 {
+                seen.drain(..seen.len() - 16);
+            }
+        }
+    });
     // PVM hosts emulate the guest kernel: boots take tens of seconds; give up at 180 s.
-    loop {
-        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            return if st.success() {
-                Ok(ms)
-            } else {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                Err(format!("qemu exited with {st}: {}", err.trim()))
-            };
+    let r = loop {
+        if rx.try_recv().is_ok() {
+            break Ok(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            break Err(format!("qemu exited with {st} before LTV-READY"));
         }
         if t.elapsed().as_secs() > 180 || crate::harness::interrupted() {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("qemu: no exit within 180 s (or interrupted)".into());
+            break Err("qemu: no LTV-READY within 180 s (or interrupted)".into());
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    r
 }

@@ -471,6 +471,8 @@ struct Point {
     cgroup_kib: f64,
     cgroup_mean_kib: f64,
     daemon_pss_kib: f64,
+    /// Daemon children that are not instances (shared helpers, later VMMs): count, PSS.
+    helpers: usize,
     helper_pss_kib: f64,
     launch: Vec<f64>,
 }
@@ -503,7 +505,7 @@ pub fn density(
         t *= 2;
     }
     targets.push(count);
-    let mut all: Vec<(String, &'static str, Vec<Point>)> = Vec::new();
+    let mut all: Vec<(String, &'static str, Vec<Point>, f64)> = Vec::new();
     for (subject, spec) in subjects {
         if interrupted() {
             break;
@@ -581,13 +583,12 @@ pub fn density(
             let mut ours = pids.clone();
             ours.extend(h.daemon_pid().map(|p| p as i32));
             // Per-instance helpers (monitors, VMMs): daemon children that are not instances.
-            let helpers: u64 = match (&spec, h.daemon_pid()) {
+            let helpers: Vec<i32> = match (&spec, h.daemon_pid()) {
                 (Some(_), Some(d)) => children_of(d)
                     .into_iter()
                     .filter(|p| !pids.contains(p))
-                    .map(pss_kib)
-                    .sum(),
-                _ => 0,
+                    .collect(),
+                _ => Vec::new(),
             };
             points.push(Point {
                 count: names.len(),
@@ -603,7 +604,8 @@ pub fn density(
                     (Some(_), Some(d)) => (pss_kib(d as i32) as f64 - daemon0) / n,
                     _ => 0.0,
                 },
-                helper_pss_kib: helpers as f64 / n,
+                helper_pss_kib: helpers.iter().map(|&p| pss_kib(p)).sum::<u64>() as f64,
+                helpers: helpers.len(),
                 launch: lat,
             });
             if used * 1024.0 > budget * 1024.0 {
@@ -626,7 +628,13 @@ pub fn density(
         if !points.is_empty() {
             report.add_series(&subject, class, "launch (idle, detached)", "ms", all_lat, 0);
         }
-        // Remove this subject's instances before the next one is measured.
+        // Remove this subject's instances before the next one is measured, and measure
+        // what that frees: averaging the way up and the way down cancels linear drift
+        // from other work on the host.
+        let roots: Vec<i32> = h.daemon_pid().map(|p| vec![p as i32]).unwrap_or_default();
+        let full = meminfo::kernel_anon_kib(&meminfo::read()) as f64;
+        let foreign_full = foreign_kib(&roots);
+        let n = names.len();
         match &spec {
             Some(_) => h.delete_all(),
             None => {
@@ -635,21 +643,39 @@ pub fn density(
                 }
             }
         }
-        all.push((subject, class, points));
+        let mut teardown = f64::NAN;
+        if n > 0 && !interrupted() {
+            meminfo::settle();
+            let freed = full - meminfo::kernel_anon_kib(&meminfo::read()) as f64;
+            teardown = (freed - (foreign_full - foreign_kib(&roots))) / n as f64;
+        }
+        all.push((subject, class, points, teardown));
     }
-    let mut md = String::from("Density (memory per idle instance, KiB). raw host = delta of AnonPages+Slab+KernelStack+PageTables+Shmem / count (includes the daemon's growth); host = the same minus the change in anonymous memory and page tables of every process that is neither the daemon nor an instance (other work on this host); cgroup = median per-instance memory cgroup usage; daemon = daemon PSS growth / count; helper = PSS of per-instance non-container processes:\n\n| subject | count | host KiB/inst | raw host KiB/inst | cgroup KiB/inst (median) | daemon PSS KiB/inst | helper PSS KiB/inst | launch p50 ms | p95 ms |\n|---|---|---|---|---|---|---|---|---|\n");
+    let mut md = String::from("Density (memory per idle instance, KiB). raw host = delta of AnonPages+Slab+KernelStack+PageTables+Shmem / count (includes the daemon's growth); host = the same minus the change in anonymous memory and page tables of every process that is neither the daemon nor an instance (other work on this host); cgroup = median per-instance memory cgroup usage; daemon = daemon PSS growth / count; helpers = daemon children that are not instances (a helper count that grows with the instances means a per-instance process):\n\n| subject | count | host KiB/inst | raw host KiB/inst | cgroup KiB/inst (median) | daemon PSS KiB/inst | helpers | helpers PSS KiB (total) | launch p50 ms | p95 ms |\n|---|---|---|---|---|---|---|---|---|---|\n");
     let mut jpoints = serde_json::Map::new();
-    for (s, class, pts) in &all {
+    let mut md_td = String::new();
+    for (s, class, pts, teardown) in &all {
+        if let Some(last) = pts.last() {
+            md_td += &format!(
+                "| {s} ({class}) | {} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+                last.count,
+                last.host_kib,
+                teardown,
+                (last.host_kib + teardown) / 2.0,
+                last.cgroup_kib
+            );
+        }
         let mut arr = Vec::new();
         for p in pts {
             let l = Summary::of(&p.launch);
             md += &format!(
-                "| {s} ({class}) | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |\n",
+                "| {s} ({class}) | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {} | {} |\n",
                 p.count,
                 p.host_kib,
                 p.host_raw_kib,
                 p.cgroup_kib,
                 p.daemon_pss_kib,
+                p.helpers,
                 p.helper_pss_kib,
                 plot::fmt_num(l.p50),
                 plot::fmt_num(l.p95)
@@ -659,17 +685,20 @@ pub fn density(
                 "cgroup_kib_per_instance": if p.cgroup_kib.is_finite() { json!(p.cgroup_kib) } else { Value::Null },
                 "cgroup_kib_mean": if p.cgroup_mean_kib.is_finite() { json!(p.cgroup_mean_kib) } else { Value::Null },
                 "daemon_pss_kib_per_instance": p.daemon_pss_kib,
-                "helper_pss_kib_per_instance": p.helper_pss_kib,
+                "helpers": p.helpers, "helpers_pss_kib_total": p.helper_pss_kib,
                 "launch_ms": p.launch, "launch_summary": l,
             }));
         }
-        jpoints.insert(s.clone(), json!({"class": class, "points": arr}));
+        jpoints.insert(s.clone(), json!({"class": class, "points": arr,
+            "teardown_host_kib_per_instance": if teardown.is_finite() { json!(teardown) } else { Value::Null }}));
     }
+    md += "\nAt the largest count, memory per instance measured on the way up (launch), on the way down (delete all) and their mean, KiB (the best host-wide estimate on a busy host):\n\n| subject | count | up | down | mean | cgroup median |\n|---|---|---|---|---|---|\n";
+    md += &md_td;
     report.sections.push(md);
     report.results = json!({ "density": jpoints });
     let mut mem = Vec::new();
     let mut lat = Vec::new();
-    for (i, (s, _, pts)) in all.iter().enumerate() {
+    for (i, (s, _, pts, _)) in all.iter().enumerate() {
         mem.push(Line {
             label: format!("{s}: host delta"),
             points: pts
