@@ -30,7 +30,9 @@ VMM="$CARGO_TARGET_DIR/release/ltv-vmm"
 command -v qemu-system-x86_64 >/dev/null || SKIP_QEMU=1
 
 COMPAT='noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv ltv_pvm_compat'
-BASE="${BASE:-console=ttyS0 reboot=t quiet ltv.init=poweroff}"
+# reboot=k: the guest ends by an i8042 reset (ltv-vmm exits 0, QEMU -no-reboot exits). reboot=t
+# would triple-fault through `int3`, which kvm-pvm cannot emulate (KVM internal error).
+BASE="${BASE:-console=ttyS0 reboot=k quiet ltv.init=poweroff}"
 # ltv-vmm appends the compat switches itself on PVM (and panic=1 pci=off); give QEMU the same.
 QEMU_APPEND="$BASE panic=1 pci=off"
 grep -qs kvm_pvm /proc/modules || [[ -d /sys/module/kvm_pvm ]] && QEMU_APPEND="$QEMU_APPEND $COMPAT"
