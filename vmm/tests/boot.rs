@@ -214,31 +214,34 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// 2 vCPUs take 2-4x longer on PVM (about 190 s here), so this one runs only on request.
-#[test]
-fn boots_guest_kernel_with_two_vcpus() {
-    if std::env::var_os("LTV_TEST_SMP").is_none() {
-        println!("SKIP: set LTV_TEST_SMP=1 to boot with 2 vCPUs (slow on kvm-pvm)");
-        return;
+/// Env var that turns on the slow boots (2 vCPUs, Linux boot protocol): each is 1-3 minutes on PVM.
+const SLOW_ENV: &str = "LTV_TEST_SLOW_BOOTS";
+
+/// Boots kernel + initramfs with `extra` config fields; returns (exit code, stderr, console).
+fn boot_with(extra: serde_json::Value) -> Option<(Option<i32>, String, String)> {
+    if std::env::var_os(SLOW_ENV).is_none() {
+        println!("SKIP: set {SLOW_ENV}=1 for this boot (slow on kvm-pvm)");
+        return None;
     }
     let Some(kernel) = guest_kernel().filter(|p| p.is_file()) else {
         println!("SKIP: no guest kernel in /var/cache/ltv/kernel/*/vmlinux");
-        return;
+        return None;
     };
     let dir = tempfile::tempdir().unwrap();
     let initrd = match guest_initramfs(dir.path()) {
         Ok(p) => p,
         Err(why) => {
             println!("SKIP: no initramfs: {why}");
-            return;
+            return None;
         }
     };
     let console = dir.path().join("console.log");
-    let cfg = write_config(
-        dir.path(),
-        serde_json::json!({"kernel": kernel, "initrd": initrd, "memory_mib": 128, "vcpus": 2,
-                           "cmdline": "console=ttyS0 ltv.init=poweroff", "console_log": console}),
-    );
+    let mut cfg = serde_json::json!({"kernel": kernel, "initrd": initrd, "memory_mib": 128,
+        "vcpus": 1, "cmdline": "console=ttyS0 ltv.init=poweroff", "console_log": console});
+    for (k, v) in extra.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
+    let cfg = write_config(dir.path(), cfg);
     let out = Command::new("timeout")
         .arg("400")
         .arg(BIN)
@@ -248,12 +251,29 @@ fn boots_guest_kernel_with_two_vcpus() {
         .output()
         .unwrap();
     let log = std::fs::read_to_string(&console).unwrap_or_default();
+    Some((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        log,
+    ))
+}
+
+#[test]
+fn boots_guest_kernel_with_two_vcpus() {
+    let Some((code, err, log)) = boot_with(serde_json::json!({"vcpus": 2})) else {
+        return;
+    };
     assert!(log.contains("Brought up 1 node, 2 CPUs"), "console:\n{log}");
     assert!(log.contains("LTV-READY"), "console:\n{log}");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn boots_guest_kernel_with_linux_boot_protocol() {
+    let Some((code, err, log)) = boot_with(serde_json::json!({"boot_protocol": "linux"})) else {
+        return;
+    };
+    assert!(err.contains("Linux 64-bit boot"), "{err}");
+    assert!(log.contains("LTV-READY"), "console:\n{log}");
+    assert_eq!(code, Some(0), "{err}");
 }
