@@ -37,7 +37,7 @@ pub enum Command {
         #[arg(long, env = "LTV_CGROUP_ROOT", default_value = "ltv")]
         cgroup_root: String,
         /// Container helpers kept pre-spawned to cut start latency (cgroup v1; 0 turns it off).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 2)]
         pool: usize,
     },
     /// Create and start an application container in the foreground.

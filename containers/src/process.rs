@@ -470,6 +470,8 @@ pub struct Pool {
     size: usize,
     spares: std::sync::Mutex<Vec<Spare>>,
     counter: std::sync::atomic::AtomicU64,
+    /// One refill at a time; a refill asked for meanwhile is covered by its loop.
+    refilling: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -483,6 +485,7 @@ impl Pool {
             size,
             spares: std::sync::Mutex::new(Vec::new()),
             counter: std::sync::atomic::AtomicU64::new(0),
+            refilling: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -505,18 +508,24 @@ impl Pool {
     /// Tops the pool up; blocking (each spare costs a cgroup move). Call it off the
     /// request path, e.g. after each start.
     pub fn refill(&self) {
+        use std::sync::atomic::Ordering;
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Moves made back to back share one grace period: only the first one waits.
         loop {
             if self.spares.lock().unwrap_or_else(|p| p.into_inner()).len() >= self.size {
-                return;
+                break;
             }
             match self.spawn_spare() {
                 Ok(s) => self.spares.lock().unwrap_or_else(|p| p.into_inner()).push(s),
                 Err(e) => {
                     tracing::warn!("container pool: cannot spawn a spare helper: {e}");
-                    return;
+                    break;
                 }
             }
         }
+        self.refilling.store(false, Ordering::Release);
     }
 
     fn spawn_spare(&self) -> Result<Spare, Error> {

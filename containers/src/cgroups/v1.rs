@@ -255,6 +255,10 @@ impl CgroupManager for V1Manager {
         if !self.exists() {
             return Ok(());
         }
+        // Usually empty already (a pid namespace dies with its init): skip the freezer.
+        if self.all_procs()?.is_empty() {
+            return Ok(());
+        }
         // Freeze first so nothing forks between reading the list and killing it.
         let frozen = self.freeze("FROZEN");
         util::kill_pids(&self.all_procs()?);
