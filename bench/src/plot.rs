@@ -139,10 +139,26 @@ pub struct Line {
 }
 
 /// Lines (with points) over a numeric x axis.
-pub fn lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series: &[Line]) -> R {
+/// Values beyond `ycap` (either sign) are drawn at the edge and labelled with their
+/// real value, so one noisy outlier does not flatten the rest.
+pub fn lines(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[Line],
+    ycap: Option<f64>,
+) -> R {
     let xmax = finite_max(series.iter().flat_map(|s| s.points.iter().map(|p| p.0))).max(1.0);
-    let ymax = finite_max(series.iter().flat_map(|s| s.points.iter().map(|p| p.1))) * 1.1;
+    let all_y = || series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+    let cap = ycap.unwrap_or(f64::INFINITY);
+    let ymax = finite_max(all_y()).min(cap) * 1.1;
     let ymax = if ymax > 0.0 { ymax } else { 1.0 };
+    let ymin = all_y()
+        .filter(|y| y.is_finite())
+        .fold(0.0f64, f64::min)
+        .max(-cap)
+        * 1.1;
     let root = SVGBackend::new(path, (860, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let mut chart = ChartBuilder::on(&root)
@@ -150,8 +166,9 @@ pub fn lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series: &[Lin
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..xmax * 1.03, 0f64..ymax)
+        .build_cartesian_2d(0f64..xmax * 1.03, ymin..ymax)
         .map_err(e)?;
+    let clamp = |y: f64| y.clamp(ymin, ymax / 1.1);
     chart
         .configure_mesh()
         .light_line_style(WHITE)
@@ -162,19 +179,35 @@ pub fn lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series: &[Lin
                 String::new()
             }
         })
-        .y_label_formatter(&|y| fmt_num(*y))
+        .y_label_formatter(&|y| {
+            if ymax >= 10.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.1}")
+            }
+        })
         .x_desc(xlabel)
         .y_desc(ylabel)
         .draw()
         .map_err(e)?;
     for l in series {
         let c = color(l.color);
-        let pts: Vec<(f64, f64)> = l
+        let raw: Vec<(f64, f64)> = l
             .points
             .iter()
             .copied()
             .filter(|p| p.1.is_finite())
             .collect();
+        let pts: Vec<(f64, f64)> = raw.iter().map(|p| (p.0, clamp(p.1))).collect();
+        chart
+            .draw_series(raw.iter().filter(|p| clamp(p.1) != p.1).map(|p| {
+                Text::new(
+                    format!("{} ↕", fmt_num(p.1)),
+                    (p.0, clamp(p.1)),
+                    ("sans-serif", 11).into_font().color(&c),
+                )
+            }))
+            .map_err(e)?;
         let legend = move |(x, y): (i32, i32)| {
             PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
         };
@@ -197,19 +230,34 @@ pub fn lines(path: &Path, title: &str, xlabel: &str, ylabel: &str, series: &[Lin
             .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
             .map_err(e)?;
     }
-    // Rising lines end top right: put the legend where they are not.
-    let rising = series.iter().any(|l| {
-        l.points
-            .last()
-            .is_some_and(|p| p.1.is_finite() && p.1 > ymax / 1.1 * 0.6)
-    });
+    // The legend goes to the corner with the fewest points under it.
+    let (y0, y1) = (ymin, ymax);
+    let corners = [
+        (SeriesLabelPosition::UpperRight, 0.6, 1.0, 0.7, 1.0),
+        (SeriesLabelPosition::UpperLeft, 0.0, 0.4, 0.7, 1.0),
+        (SeriesLabelPosition::LowerRight, 0.6, 1.0, 0.0, 0.3),
+        (SeriesLabelPosition::LowerLeft, 0.0, 0.4, 0.0, 0.3),
+    ];
+    let xspan = xmax * 1.03;
+    let under = |fx0: f64, fx1: f64, fy0: f64, fy1: f64| {
+        series
+            .iter()
+            .flat_map(|l| l.points.iter())
+            .filter(|p| p.1.is_finite())
+            .filter(|p| {
+                let (fx, fy) = (p.0 / xspan, (clamp(p.1) - y0) / (y1 - y0));
+                fx >= fx0 && fx <= fx1 && fy >= fy0 && fy <= fy1
+            })
+            .count()
+    };
+    let pos = corners
+        .into_iter()
+        .min_by_key(|c| under(c.1, c.2, c.3, c.4))
+        .map(|c| c.0)
+        .unwrap_or(SeriesLabelPosition::UpperRight);
     chart
         .configure_series_labels()
-        .position(if rising {
-            SeriesLabelPosition::UpperLeft
-        } else {
-            SeriesLabelPosition::UpperRight
-        })
+        .position(pos)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()

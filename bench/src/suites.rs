@@ -698,6 +698,21 @@ pub fn density(
     report.results = json!({ "density": jpoints });
     let mut mem = Vec::new();
     let mut lat = Vec::new();
+    // The host delta is noisy at small counts on a busy host: scale to the cgroup
+    // numbers and the largest-count host deltas, clipping the rest.
+    let mem_cap = all
+        .iter()
+        .flat_map(|(_, _, pts, td)| {
+            let last = pts.last().map(|p| p.host_kib.abs()).unwrap_or(0.0);
+            pts.iter()
+                .map(|p| p.cgroup_kib)
+                .chain([last, td.abs()])
+                .collect::<Vec<_>>()
+        })
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max)
+        * 1.5
+        / 1024.0;
     for (i, (s, _, pts, _)) in all.iter().enumerate() {
         mem.push(Line {
             label: format!("{s}: host delta"),
@@ -734,6 +749,7 @@ pub fn density(
         "instances",
         "MiB per instance",
         &mem,
+        Some(mem_cap),
     )?;
     plot::lines(
         &args.out.join("density-latency.svg"),
@@ -741,6 +757,7 @@ pub fn density(
         "instances",
         "ms",
         &lat,
+        None,
     )?;
     report.plots.push("density-memory.svg".into());
     report.plots.push("density-latency.svg".into());
@@ -1154,6 +1171,7 @@ pub fn pagecache(
         "instances",
         "MiB",
         &lines,
+        None,
     )?;
     report.plots.push("pagecache.svg".into());
     Ok(())
