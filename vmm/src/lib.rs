@@ -88,6 +88,17 @@ pub fn vmm_main(config_path: &Path) -> i32 {
         cfg.config.memory_mib,
         vm.cmdline
     );
+    if vm.flavour == Flavour::Pvm
+        && vm
+            .cmdline
+            .split_whitespace()
+            .any(|a| a.starts_with("reboot=t"))
+    {
+        eprintln!(
+            "ltv-vmm: warning: reboot=t on kvm-pvm ends in a KVM internal error (the triple \
+             fault goes through int3, which PVM cannot emulate); use reboot=k"
+        );
+    }
     term.forward_to(vm.events_tx.clone());
     match vmm::Vmm::start(vm) {
         Ok(v) => v.run(),

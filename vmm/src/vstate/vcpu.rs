@@ -333,9 +333,20 @@ impl Vcpu {
             4 => "unexpected exit reason",
             _ => "unknown",
         };
+        let insn = if sub == 1 {
+            emulation_failure_insn(&data)
+                .map(|(bytes, name)| {
+                    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    let hint = name.map(|n| format!(" = {n}")).unwrap_or_default();
+                    format!(", instruction bytes [{}]{hint}", hex.join(" "))
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         let data: Vec<String> = data.iter().map(|d| format!("{d:#x}")).collect();
         format!(
-            "vCPU {}: KVM_EXIT_INTERNAL_ERROR suberror {sub} ({what}), data [{}]; {}",
+            "vCPU {}: KVM_EXIT_INTERNAL_ERROR suberror {sub} ({what}){insn}, data [{}]; {}",
             self.id,
             data.join(", "),
             self.regs_summary()
@@ -356,6 +367,53 @@ impl Vcpu {
 
     pub fn id(&self) -> u32 {
         self.id
+    }
+}
+
+/// Instruction bytes of an emulation failure, and a name for the ones kvm-pvm is known to
+/// lack. Layout (kvm_run.emulation_failure): data[0] = flags (bit 0: bytes valid), then
+/// insn_size and up to 15 bytes packed little-endian into data[1..3].
+pub fn emulation_failure_insn(data: &[u64]) -> Option<(Vec<u8>, Option<&'static str>)> {
+    if data.len() < 2 || data[0] & 1 == 0 {
+        return None;
+    }
+    let raw: Vec<u8> = data[1..data.len().min(3)]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let size = usize::from(raw[0]).min(raw.len() - 1);
+    let bytes = raw[1..=size].to_vec();
+    Some((bytes.clone(), known_unemulated(&bytes)))
+}
+
+fn known_unemulated(b: &[u8]) -> Option<&'static str> {
+    // Skip legacy/REX prefixes to find the opcode.
+    let mut i = 0;
+    let mut rex_w = false;
+    while let Some(&p) = b.get(i) {
+        match p {
+            0xf0 | 0xf2 | 0xf3 | 0x66 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 => i += 1,
+            0x40..=0x4f => {
+                rex_w = p & 8 != 0;
+                i += 1;
+            }
+            _ => break,
+        }
+    }
+    let op = &b[i.min(b.len())..];
+    let modrm_reg = |m: u8| (m >> 3) & 7;
+    match op {
+        [0xcc, ..] => Some("int3 (alternatives self-test without ltv_pvm_compat, or reboot=t)"),
+        [0x9b, ..] => Some("fwait (fpu__drop without ltv_pvm_compat)"),
+        [0x0f, 0x01, 0xca, ..] => Some("clac (needs clearcpuid=smap)"),
+        [0x0f, 0x01, 0xcb, ..] => Some("stac (needs clearcpuid=smap)"),
+        [0x0f, 0xb8, ..] if b[..i].contains(&0xf3) => Some("popcnt (needs clearcpuid=popcnt)"),
+        [0x0f, 0xc7, m, ..] if modrm_reg(*m) == 1 && rex_w => {
+            Some("cmpxchg16b (needs clearcpuid=cx16)")
+        }
+        [0x0f, 0xae, m, ..] if modrm_reg(*m) == 5 && *m < 0xc0 => Some("xrstor (needs noxsave)"),
+        [0x0f, 0xc7, m, ..] if modrm_reg(*m) == 3 => Some("xrstors (needs noxsave)"),
+        _ => None,
     }
 }
 
@@ -402,5 +460,40 @@ impl VcpuHandle {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_emulation_failure_bytes() {
+        // Seen on kvm-pvm: int3 in the alternatives self-test.
+        let data = [0x1, 0x7c83_9090_9090_cc0f, 0x480b_0f02_7401_0424, 0x1000];
+        let (bytes, name) = emulation_failure_insn(&data).unwrap();
+        assert_eq!(bytes.len(), 15);
+        assert_eq!(&bytes[..3], &[0xcc, 0x90, 0x90]);
+        assert!(name.unwrap().starts_with("int3"));
+        assert!(emulation_failure_insn(&[0x0, 0x1]).is_none());
+    }
+
+    #[test]
+    fn names_known_instructions() {
+        assert!(known_unemulated(&[0x48, 0x0f, 0xc7, 0x0e])
+            .unwrap()
+            .starts_with("cmpxchg16b"));
+        assert!(known_unemulated(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7])
+            .unwrap()
+            .starts_with("popcnt"));
+        assert!(known_unemulated(&[0x0f, 0x01, 0xcb])
+            .unwrap()
+            .starts_with("stac"));
+        assert!(known_unemulated(&[0x48, 0x0f, 0xae, 0x2f])
+            .unwrap()
+            .starts_with("xrstor"));
+        assert!(known_unemulated(&[0x9b]).unwrap().starts_with("fwait"));
+        assert_eq!(known_unemulated(&[0x90]), None);
+        assert_eq!(known_unemulated(&[]), None);
     }
 }
