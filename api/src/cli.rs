@@ -99,6 +99,9 @@ pub struct Limits {
     /// Working directory inside the instance.
     #[arg(short = 'w', long = "workdir")]
     pub workdir: Option<String>,
+    /// No user namespace: root inside is root on the host.
+    #[arg(long)]
+    pub privileged: bool,
 }
 
 impl Limits {
@@ -110,6 +113,7 @@ impl Limits {
             env: self.env.clone(),
             command,
             workdir: self.workdir.clone(),
+            privileged: self.privileged,
         }
     }
 }
@@ -436,6 +440,11 @@ fn print_info(i: &Instance) {
     println!("Created:    {}", i.created_at);
     if let Some(pid) = i.pid {
         println!("PID:        {pid}");
+    }
+    match i.idmap_base {
+        Some(base) => println!("Privileged: no (root is host uid {base}, ids {base}-{})", base + 65535),
+        None if i.kind == Kind::Vm => {}
+        None => println!("Privileged: yes (root is host root)"),
     }
     if let Some(code) = i.exit_code {
         println!("Exit code:  {code}");

@@ -24,7 +24,9 @@ CREATE TABLE IF NOT EXISTS instances (
     pid_start INTEGER,
     exit_code INTEGER,
     auto_remove INTEGER NOT NULL DEFAULT 0,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    -- first host id of the instance's user-namespace range; UNIQUE: ranges never overlap
+    idmap_base INTEGER UNIQUE
 );
 CREATE TABLE IF NOT EXISTS images (
     alias TEXT PRIMARY KEY,
@@ -53,6 +55,18 @@ pub struct InstanceRow {
     pub pid_start: Option<u64>,
 }
 
+/// Host ids below this stay the host's own (users, systemd's dynamic ranges).
+pub const IDMAP_FIRST: u32 = 1_000_000;
+pub const IDMAP_SIZE: u32 = 65536;
+
+/// The lowest range base not in `used`.
+pub fn free_idmap_base(used: &[u32]) -> u32 {
+    (0u32..)
+        .map(|k| IDMAP_FIRST + k * IDMAP_SIZE)
+        .find(|b| !used.contains(b))
+        .expect("id space")
+}
+
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -78,6 +92,7 @@ fn instance_from_row(row: &Row) -> rusqlite::Result<InstanceRow> {
             exit_code: row.get("exit_code")?,
             created_at: row.get("created_at")?,
             auto_remove: row.get::<_, i64>("auto_remove")? != 0,
+            idmap_base: row.get("idmap_base")?,
             usage: None,
         },
         pid_start: row.get::<_, Option<i64>>("pid_start")?.map(|v| v as u64),
@@ -124,13 +139,23 @@ impl Db {
     }
 
     /// Inserts a new instance; `Ok(false)` when the name is taken.
-    pub fn insert_instance(&self, i: &Instance) -> Result<bool> {
+    /// Inserts a new instance; `Ok(None)` when the name is taken. With `idmap`, a free
+    /// 65536-id range is allocated in the same transaction; its base is returned.
+    pub fn insert_instance(&self, i: &Instance, idmap: bool) -> Result<Option<Option<u32>>> {
         let config = serde_json::to_string(&i.config)?;
         self.with(|c| {
-            let n = c.execute(
+            let tx = c.unchecked_transaction()?;
+            let base = if idmap {
+                let mut stmt = tx.prepare("SELECT idmap_base FROM instances WHERE idmap_base IS NOT NULL")?;
+                let used: Vec<u32> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                Some(free_idmap_base(&used))
+            } else {
+                None
+            };
+            let n = tx.execute(
                 "INSERT OR IGNORE INTO instances
-                 (name, kind, image, image_fingerprint, parent, config, status, auto_remove, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 (name, kind, image, image_fingerprint, parent, config, status, auto_remove, created_at, idmap_base)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     i.name,
                     i.kind.as_str(),
@@ -140,10 +165,12 @@ impl Db {
                     config,
                     i.status.as_str(),
                     i.auto_remove as i64,
-                    i.created_at
+                    i.created_at,
+                    base
                 ],
             )?;
-            Ok(n == 1)
+            tx.commit()?;
+            Ok((n == 1).then_some(base))
         })
     }
 
@@ -366,6 +393,7 @@ mod tests {
             exit_code: None,
             created_at: now(),
             auto_remove: false,
+            idmap_base: None,
             usage: None,
         }
     }
@@ -376,15 +404,26 @@ mod tests {
         let path = dir.path().join("ltv.db");
         {
             let db = Db::open(&path).unwrap();
-            assert!(db.insert_instance(&sample("a")).unwrap());
-            assert!(
-                !db.insert_instance(&sample("a")).unwrap(),
+            assert_eq!(db.insert_instance(&sample("a"), true).unwrap(), Some(Some(IDMAP_FIRST)));
+            assert_eq!(
+                db.insert_instance(&sample("a"), true).unwrap(),
+                None,
                 "duplicate must be refused"
             );
+            assert_eq!(
+                db.insert_instance(&sample("b"), true).unwrap(),
+                Some(Some(IDMAP_FIRST + IDMAP_SIZE)),
+                "ranges never overlap"
+            );
+            assert_eq!(db.insert_instance(&sample("c"), false).unwrap(), Some(None));
+            db.delete_instance("b").unwrap();
+            db.delete_instance("c").unwrap();
             db.set_running("a", 42, 7).unwrap();
         }
         let db = Db::open(&path).unwrap();
         let row = db.instance("a").unwrap().unwrap();
+        assert_eq!(row.instance.idmap_base, Some(IDMAP_FIRST), "persisted");
+        assert_eq!(free_idmap_base(&[IDMAP_FIRST]), IDMAP_FIRST + IDMAP_SIZE, "b's range is free again");
         assert_eq!(row.instance.status, Status::Running);
         assert_eq!(row.instance.pid, Some(42));
         assert_eq!(row.pid_start, Some(7));

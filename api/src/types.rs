@@ -101,6 +101,9 @@ pub struct InstanceConfig {
     /// Overrides the image's working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// Runs without a user namespace: root inside is root on the host. Off by default.
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// `GET /1.0/instances/{name}`
@@ -121,6 +124,10 @@ pub struct Instance {
     pub created_at: String,
     /// Removed automatically when its process exits (`ltv run --rm`).
     pub auto_remove: bool,
+    /// First host uid/gid of the instance's private 65536-id range (unprivileged
+    /// containers); root inside is this uid on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idmap_base: Option<u32>,
     /// Live usage, present while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,

@@ -6,8 +6,10 @@ use crate::daemon::error::ApiError;
 use crate::types::{parse_size, ExecPost, Image, Instance, Kind, Usage};
 use async_trait::async_trait;
 use ltv_containers::cgroups;
+use ltv_containers::image::ImageStore;
 use ltv_containers::process::{self, Stdio};
-use ltv_containers::spec::{ContainerSpec, Limits, NetworkMode, ProcessSpec, RootfsSpec};
+use crate::db::IDMAP_SIZE;
+use ltv_containers::spec::{ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ pub struct ContainerBackend {
     /// `<state>/instances`
     instances_dir: PathBuf,
     /// `<state>/images`, the image store root.
-    images_dir: PathBuf,
+    images: Arc<ImageStore>,
     /// Our top-level cgroup, relative to each hierarchy root.
     cgroup_root: String,
     /// Pre-spawned helpers (cgroup v1 only), refilled after each start.
@@ -24,13 +26,18 @@ pub struct ContainerBackend {
 
 impl ContainerBackend {
     /// `pool_size` spare helpers are kept ready (0: none).
-    pub fn new(instances_dir: PathBuf, images_dir: PathBuf, cgroup_root: String, pool_size: usize) -> Self {
+    pub fn new(
+        instances_dir: PathBuf,
+        images: Arc<ImageStore>,
+        cgroup_root: String,
+        pool_size: usize,
+    ) -> Self {
         // Spares a previous daemon left behind are not ours to claim.
         process::remove_stale_spares(&cgroup_root);
         let pool = process::Pool::new(&cgroup_root, pool_size).map(Arc::new);
         let backend = ContainerBackend {
             instances_dir,
-            images_dir,
+            images,
             cgroup_root,
             pool,
         };
@@ -88,10 +95,53 @@ impl ContainerBackend {
         process: ProcessSpec,
     ) -> Result<ContainerSpec, ApiError> {
         let mut spec = self.skeleton(&instance.name);
-        spec.rootfs.lowerdirs = vec![self.images_dir.join(&image.fingerprint).join("rootfs")];
+        spec.rootfs.lowerdirs = vec![self.rootfs_of(image)];
         spec.process = process;
         spec.limits = limits_of(instance)?;
+        spec.idmap = instance.idmap_base.map(|base| IdMap {
+            host_uid: base,
+            host_gid: base,
+            size: IDMAP_SIZE,
+        });
         Ok(spec)
+    }
+
+    fn rootfs_of(&self, image: &Image) -> PathBuf {
+        self.images.root().join(&image.fingerprint).join("rootfs")
+    }
+
+    /// A system container runs the image's init; `command` overrides it.
+    fn system_init(&self, instance: &Instance, image: &Image) -> Result<Vec<String>, ApiError> {
+        if !instance.config.command.is_empty() {
+            return Ok(instance.config.command.clone());
+        }
+        let init = image.init.clone().unwrap_or_else(|| "/sbin/init".into());
+        let path = self.rootfs_of(image).join(init.trim_start_matches('/'));
+        // A symlink into the image (busybox's init) is fine: only its presence matters.
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Err(ApiError::bad_request(format!(
+                "image {:?} has no init: {init} is missing (a system container runs it as PID 1; use --kind app or give a command)",
+                instance.image
+            )));
+        }
+        Ok(vec![init])
+    }
+
+    /// The signal that asks the image's init to power off, as LXC sends it.
+    fn poweroff_signal(&self, fingerprint: &str) -> nix::sys::signal::Signal {
+        use nix::sys::signal::Signal;
+        let init = self.images.get(fingerprint).ok().and_then(|i| i.config.init);
+        let init = init.unwrap_or_else(|| "/sbin/init".into());
+        let path = self.images.root().join(fingerprint).join("rootfs").join(init.trim_start_matches('/'));
+        let target = std::fs::read_link(&path).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+        if target.contains("busybox") {
+            Signal::SIGUSR2
+        } else if target.contains("systemd") {
+            // SIGRTMIN+4: systemd's poweroff; nix has no name for realtime signals.
+            Signal::try_from(libc::SIGRTMIN() + 4).unwrap_or(Signal::SIGTERM)
+        } else {
+            Signal::SIGPWR
+        }
     }
 
     fn main_process(
@@ -100,6 +150,10 @@ impl ContainerBackend {
         image: &Image,
         tty: bool,
     ) -> Result<ProcessSpec, ApiError> {
+        if instance.kind == Kind::System {
+            let args = self.system_init(instance, image)?;
+            return self.process(instance, image, args, &[], None, tty);
+        }
         let cmd = if instance.config.command.is_empty() {
             &image.cmd
         } else {
@@ -123,7 +177,7 @@ impl ContainerBackend {
         cwd: Option<&str>,
         tty: bool,
     ) -> Result<ProcessSpec, ApiError> {
-        let rootfs = self.images_dir.join(&image.fingerprint).join("rootfs");
+        let rootfs = self.rootfs_of(image);
         let (uid, gid) = resolve_user(&rootfs, &image.user)?;
         let mut env = merge_env(&image.env, &instance.config.env);
         env = merge_env(&env, extra_env);
@@ -279,8 +333,11 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl Backend for ContainerBackend {
+    fn wants_idmap(&self, instance: &Instance) -> bool {
+        !instance.config.privileged
+    }
+
     fn validate(&self, instance: &Instance, image: &Image) -> Result<(), ApiError> {
-        debug_assert_eq!(instance.kind, Kind::App);
         limits_of(instance)?;
         self.main_process(instance, image, false).map(|_| ())
     }
@@ -322,10 +379,11 @@ impl Backend for ContainerBackend {
                 .map_err(|e| ApiError::internal(format!("kill: {e}")))
         } else {
             // PID 1 of a pid namespace only gets signals it handles; the timeout covers the rest.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let signal = match instance.kind {
+                Kind::System => self.poweroff_signal(&instance.image_fingerprint),
+                _ => nix::sys::signal::Signal::SIGTERM,
+            };
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
             Ok(())
         }
     }

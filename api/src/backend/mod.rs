@@ -17,6 +17,10 @@ pub struct Started {
 
 #[async_trait]
 pub trait Backend: Send + Sync {
+    /// Whether the instance needs a private user-namespace id range.
+    fn wants_idmap(&self, _instance: &Instance) -> bool {
+        false
+    }
     /// Checks the request against what this backend supports, before anything is created.
     fn validate(&self, instance: &Instance, image: &Image) -> Result<(), ApiError>;
     /// Creates the instance's storage.

@@ -77,14 +77,19 @@ impl Daemon {
             exit_code: None,
             created_at: now(),
             auto_remove: req.auto_remove,
+            idmap_base: None,
             usage: None,
         };
         let t = std::time::Instant::now();
         backend.validate(&instance, &image)?;
-        if !self.db.insert_instance(&instance)? {
-            return Err(ApiError::conflict(format!(
-                "instance {name:?} already exists"
-            )));
+        let mut instance = instance;
+        match self.db.insert_instance(&instance, backend.wants_idmap(&instance))? {
+            None => {
+                return Err(ApiError::conflict(format!(
+                    "instance {name:?} already exists"
+                )))
+            }
+            Some(base) => instance.idmap_base = base,
         }
         if let Err(e) = backend.create(&instance, &image).await {
             let _ = backend.delete(&instance).await;

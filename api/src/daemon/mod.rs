@@ -35,7 +35,7 @@ pub struct DaemonConfig {
 pub struct Daemon {
     pub config: DaemonConfig,
     pub db: Db,
-    pub images: ImageStore,
+    pub images: Arc<ImageStore>,
     backends: HashMap<Kind, Arc<dyn Backend>>,
     /// Exit of each running instance's main process, by name.
     exits: Mutex<HashMap<String, watch::Receiver<Option<reaper::Exit>>>>,
@@ -50,19 +50,19 @@ impl Daemon {
         std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711))?;
         let instances_dir = state.join("instances");
         std::fs::create_dir_all(&instances_dir)?;
-        let images = ImageStore::open(&state.join("images"))?;
+        let images = Arc::new(ImageStore::open(&state.join("images"))?);
         let db = Db::open(&state.join("ltv.db"))?;
         db.fail_interrupted_operations()?;
         let mut backends: HashMap<Kind, Arc<dyn Backend>> = HashMap::new();
-        backends.insert(
-            Kind::App,
-            Arc::new(ContainerBackend::new(
-                instances_dir,
-                images.root().to_path_buf(),
-                config.cgroup_root.clone(),
-                config.pool_size,
-            )),
-        );
+        // One runtime serves both container kinds; the kind decides the first process.
+        let containers: Arc<dyn Backend> = Arc::new(ContainerBackend::new(
+            instances_dir.clone(),
+            images.clone(),
+            config.cgroup_root.clone(),
+            config.pool_size,
+        ));
+        backends.insert(Kind::App, containers.clone());
+        backends.insert(Kind::System, containers);
         Ok(Arc::new(Daemon {
             config,
             db,
