@@ -92,6 +92,21 @@ trap 'say "interrupted"; exit 130' INT TERM HUP
 # ---------------------------------------------------------------- 3. source tree
 stage 3 "source tree in $SRC"
 mkdir -p "$WORK"
+# Files the old and new patch sets touch: remember their content hash and
+# mtime, so that a file that ends up with the same content after revert +
+# re-apply gets its old mtime back (otherwise touching e.g. asm/setup.h would
+# rebuild most of the kernel).
+patched_files() { sed -n 's|^+++ b/\([^[:space:]]*\).*|\1|p' "$@" 2>/dev/null | sort -u; }
+MTIMES="$WORK/mtimes"
+: >"$MTIMES.new"
+if [[ -d $SRC ]]; then
+    while read -r f; do
+        [[ -f $SRC/$f ]] && printf '%s %s %s\n' "$(sha256sum <"$SRC/$f" | cut -c1-64)" \
+            "$(stat -c %Y "$SRC/$f")" "$f" >>"$MTIMES.new"
+    done < <(patched_files "$APPLIED"/*.patch "${PATCHES[@]}")
+fi
+mv "$MTIMES.new" "$MTIMES"
+
 state_ok=0
 if [[ -f $STATE && "$(cat "$STATE")" == "clean $SRC_VERSION" && -d $SRC ]]; then
     # Revert the previous patch set (newest first) unless it is the same one.
@@ -129,6 +144,11 @@ if [[ ! -d $APPLIED ]]; then
     ((${#PATCHES[@]})) && cp "${PATCHES[@]}" "$APPLIED.tmp/"
     mv "$APPLIED.tmp" "$APPLIED"
     echo "clean $SRC_VERSION" >"$STATE"
+    while read -r sum mtime f; do
+        if [[ -f $SRC/$f && "$(sha256sum <"$SRC/$f" | cut -c1-64)" == "$sum" ]]; then
+            touch -d "@$mtime" "$SRC/$f"
+        fi
+    done <"$MTIMES"
 else
     say "patch set already applied"
 fi

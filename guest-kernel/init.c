@@ -9,8 +9,13 @@
  *   cgroup2 on /sys/fs/cgroup (pure cgroup v2, nsdelegate);
  *   print "LTV-READY" on the console;
  *   then act on `ltv.init=` from /proc/cmdline:
- *     ltv.init=poweroff -> reboot(POWER_OFF)  (halts if the VM has no power-off device)
- *     ltv.init=reboot   -> reboot(RESTART)    (reboot=k: the VMM sees the i8042 reset)
+ *     ltv.init=poweroff -> end the VM: reboot(RESTART).  A microVM has no power-off
+ *                          device (no ACPI), so the kernel's power-off only halts;
+ *                          a reset is how a guest ends (as in Firecracker): with
+ *                          reboot=k the kernel writes 0xFE to port 0x64 and the VMM
+ *                          (or QEMU -no-reboot with an i8042) exits.
+ *     ltv.init=reboot   -> the same
+ *     ltv.init=halt     -> reboot(POWER_OFF): the kernel halts, the VMM keeps running
  *     ltv.init=/path    -> execve(/path)
  *     (absent)          -> execve(/bin/sh)    (busybox ash on the console)
  *   If the exec fails it says so and restarts the VM (PID 1 must not exit).
@@ -118,10 +123,10 @@ void __attribute__((noreturn, used)) init_main(void)
 		}
 	}
 
-	if (mode && prefix(mode, "poweroff") && !mode[8])
-		do_reboot(0x4321fedc);	/* LINUX_REBOOT_CMD_POWER_OFF */
-	if (mode && prefix(mode, "reboot") && !mode[6])
+	if (mode && ((prefix(mode, "poweroff") && !mode[8]) || (prefix(mode, "reboot") && !mode[6])))
 		do_reboot(0x01234567);	/* LINUX_REBOOT_CMD_RESTART */
+	if (mode && prefix(mode, "halt") && !mode[4])
+		do_reboot(0x4321fedc);	/* LINUX_REBOOT_CMD_POWER_OFF */
 
 	const char *path = (mode && *mode) ? mode : "/bin/sh";
 	const char *argv[] = { path, 0 };

@@ -16,8 +16,9 @@
 # at /sys/fs/cgroup with direct system calls (no fork: every fork costs about
 # a second on kvm-pvm hosts), prints `LTV-READY` on the console, then acts on
 # `ltv.init=` from the kernel command line:
-#   ltv.init=poweroff  -> reboot(POWER_OFF): halts; there is no power-off device
-#   ltv.init=reboot    -> reboot(RESTART): with reboot=k the VMM sees the i8042 reset
+#   ltv.init=poweroff  -> reboot(RESTART): the way a microVM ends (no power-off
+#   ltv.init=reboot       device); with reboot=k the VMM sees the i8042 reset
+#   ltv.init=halt      -> reboot(POWER_OFF): the kernel only halts
 #   ltv.init=/path     -> exec /path
 #   otherwise          -> exec /bin/sh on the console
 set -euo pipefail
