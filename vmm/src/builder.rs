@@ -14,7 +14,7 @@ use crate::config::ValidatedConfig;
 use crate::control::ControlSocket;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::legacy::serial::{Console, SerialDevice};
+use crate::devices::legacy::serial::{spawn_stdin_reader, Console, SerialDevice};
 use crate::flavour::{max_vcpus_for, pvm_compat_cmdline, Flavour};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -49,6 +49,8 @@ pub enum BuildError {
     Control(String, std::io::Error),
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("console stdin reader: {0}")]
+    Stdin(std::io::Error),
 }
 
 impl BuildError {
@@ -143,13 +145,15 @@ pub fn build_microvm(cfg: &ValidatedConfig, flavour: Flavour) -> Result<MicroVm,
         .map_err(|e| BuildError::Console(c.console_log.display().to_string(), e))?;
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&irq, layout::COM1_IRQ)?;
-    let serial = SerialDevice::new(irq, Console::new(log, c.console_stdout, events_tx.clone()));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irq,
+        Console::new(log, c.console_stdout, events_tx.clone()),
+    )));
+    if c.console_stdin {
+        spawn_stdin_reader(serial.clone()).map_err(BuildError::Stdin)?;
+    }
     let mut pio = Bus::new();
-    pio.insert(
-        Arc::new(Mutex::new(serial)),
-        u64::from(layout::COM1_PORT),
-        8,
-    )?;
+    pio.insert(serial, u64::from(layout::COM1_PORT), 8)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
         I8042_BASE,

@@ -43,6 +43,9 @@ pub struct VmConfig {
     /// Also copy the console to our stdout.
     #[serde(default)]
     pub console_stdout: bool,
+    /// Feed our stdin to the guest console (raw mode when it is a terminal).
+    #[serde(default)]
+    pub console_stdin: bool,
     /// Unix socket for JSON-lines control requests (status/pause/resume/stop).
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
@@ -217,6 +220,7 @@ mod tests {
             vcpus: 1,
             console_log: std::env::temp_dir().join("ltv-console.log"),
             console_stdout: false,
+            console_stdin: false,
             control_socket: None,
             hugepages: false,
             boot_protocol: BootProtocol::Auto,

@@ -100,11 +100,45 @@ pub fn vmm_main(config_path: &Path) -> i32 {
         );
     }
     term.forward_to(vm.events_tx.clone());
+    let _raw = cfg.config.console_stdin.then(RawTerminal::enter).flatten();
     match vmm::Vmm::start(vm) {
         Ok(v) => v.run(),
         Err(e) => {
             eprintln!("ltv-vmm: cannot start vCPUs: {e}");
             EXIT_ERROR
+        }
+    }
+}
+
+/// Stdin in raw mode while the guest owns the console; restored on drop.
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios we own.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return None;
+            }
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            // Keep output post-processing so our own stderr lines still start at column 0.
+            t.c_oflag = saved.c_oflag;
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            Some(RawTerminal(saved))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes saved in `enter`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
         }
     }
 }

@@ -104,6 +104,44 @@ impl SerialDevice {
     }
 }
 
+impl SerialDevice {
+    /// Queues guest input; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        self.serial.enqueue_raw_bytes(input).unwrap_or(0)
+    }
+}
+
+/// Feeds our stdin into the guest UART (for `ltv.init=shell`), a FIFO's worth at a time.
+pub fn spawn_stdin_reader(
+    dev: std::sync::Arc<std::sync::Mutex<SerialDevice>>,
+) -> std::io::Result<()> {
+    use std::io::Read;
+    std::thread::Builder::new()
+        .name("ltv-stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin().lock();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let k = dev
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .enqueue_input(rest);
+                    rest = &rest[k..];
+                    if k == 0 {
+                        // FIFO full: the guest has not read yet.
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let Some(b) = data.first_mut() {
@@ -141,5 +179,12 @@ mod tests {
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+        // Input lands in the receive buffer: LSR data-ready, then RBR (offset 0) returns it.
+        assert_eq!(dev.enqueue_input(b"ls"), 2);
+        dev.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x01, 0);
+        let mut rbr = [0u8];
+        dev.read(0, &mut rbr);
+        assert_eq!(rbr[0], b'l');
     }
 }
