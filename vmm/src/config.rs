@@ -94,6 +94,8 @@ pub enum ConfigError {
     InitrdUnreadable(PathBuf, std::io::Error),
     #[error("console_log {0}: parent directory does not exist")]
     ConsoleDir(PathBuf),
+    #[error("control_socket {0}: parent directory does not exist")]
+    ControlDir(PathBuf),
     #[error("cmdline contains a NUL or non-ASCII byte")]
     Cmdline,
 }
@@ -157,6 +159,13 @@ impl VmConfig {
             config: self,
             kernel_format,
         })
+    }
+}
+
+fn parent_exists(p: &Path) -> bool {
+    match p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir.is_dir(),
+        None => true,
     }
 }
 
@@ -280,6 +289,23 @@ mod tests {
             .validate_with(None)
             .unwrap_err();
         assert!(matches!(e, ConfigError::KernelUnreadable(..)), "{e}");
+    }
+
+    #[test]
+    fn rejects_missing_directories() {
+        let k = elf_file();
+        let mut c = cfg(k.path());
+        c.console_log = "/nonexistent-dir/console.log".into();
+        assert!(matches!(
+            c.validate_with(None),
+            Err(ConfigError::ConsoleDir(_))
+        ));
+        let mut c = cfg(k.path());
+        c.control_socket = Some("/nonexistent-dir/ctl.sock".into());
+        assert!(matches!(
+            c.validate_with(None),
+            Err(ConfigError::ControlDir(_))
+        ));
     }
 
     #[test]
