@@ -146,13 +146,12 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             File::open(initrd).map_err(|e| ConfigError::InitrdUnreadable(initrd.clone(), e))?;
         }
-        let parent = self
-            .console_log
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty());
-        if let Some(dir) = parent {
-            if !dir.is_dir() {
-                return Err(ConfigError::ConsoleDir(self.console_log.clone()));
+        if !parent_exists(&self.console_log) {
+            return Err(ConfigError::ConsoleDir(self.console_log.clone()));
+        }
+        if let Some(sock) = &self.control_socket {
+            if !parent_exists(sock) {
+                return Err(ConfigError::ControlDir(sock.clone()));
             }
         }
         Ok(ValidatedConfig {
