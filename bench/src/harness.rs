@@ -108,9 +108,17 @@ pub struct Harness {
 impl Harness {
     pub fn start(ltv: &Path) -> Result<Harness, String> {
         let pid = std::process::id();
+        // /var/tmp: survives /tmp cleaners during long runs, and is a disk (overlay upper dirs).
+        let base = std::env::var_os("LTV_BENCH_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
         let tmp = tempfile::Builder::new()
             .prefix("ltv-bench-")
-            .tempdir()
+            .tempdir_in(if base.is_dir() {
+                base
+            } else {
+                std::env::temp_dir()
+            })
             .map_err(|e| format!("temp dir: {e}"))?;
         let dir = tmp.path().to_path_buf();
         let netns = format!("ltv-bench-{pid}");
