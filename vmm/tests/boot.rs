@@ -172,10 +172,14 @@ fn boots_guest_kernel_to_ready_and_powers_off() {
     let p = request(&sock, "pause");
     assert_eq!(p["state"], "paused", "{p}");
     assert_eq!(request(&sock, "status")["state"], "paused");
-    let len_paused = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
-    std::thread::sleep(Duration::from_millis(500));
-    let len_after = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
-    assert_eq!(len_paused, len_after, "console grew while paused");
+    // A parked vCPU burns no CPU: its thread's utime+stime stays put (1 tick of slack).
+    let cpu_paused = vcpu_cpu_ticks(child.id()).expect("vCPU thread ltv-vcpu0");
+    std::thread::sleep(Duration::from_millis(700));
+    let cpu_after = vcpu_cpu_ticks(child.id()).unwrap();
+    assert!(
+        cpu_after - cpu_paused <= 1,
+        "vCPU ran while paused: {cpu_paused} -> {cpu_after} ticks"
+    );
     assert_eq!(request(&sock, "resume")["state"], "running");
 
     let code = loop {
@@ -207,6 +211,24 @@ fn boots_guest_kernel_to_ready_and_powers_off() {
         tail(&log)
     );
     assert!(!sock.exists(), "control socket left behind");
+}
+
+/// utime+stime (clock ticks) of thread `ltv-vcpu0` in process `pid`.
+fn vcpu_cpu_ticks(pid: u32) -> Option<u64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "ltv-vcpu0" {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+        }
+    }
+    None
 }
 
 fn tail(s: &str) -> String {
