@@ -33,6 +33,8 @@ pub const EXIT_BAD_CONFIG: i32 = 2;
 pub enum VmmEvent {
     /// Guest wrote 0xFE to the i8042 command port (`reboot=k`).
     GuestReset,
+    /// The guest's /init printed `LTV-READY`.
+    GuestReady,
     /// Kernel printed its halt / power-down line (no ACPI, so this is how poweroff looks).
     GuestHalted,
     /// Kernel printed a panic line.

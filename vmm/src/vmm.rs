@@ -16,6 +16,9 @@ pub struct Vmm {
     vm: MicroVm,
     handles: Vec<VcpuHandle>,
     ctl: Arc<RunControl>,
+    started: Instant,
+    /// Time from vCPU start to the guest's `LTV-READY` line.
+    ready_after: Option<Duration>,
 }
 
 impl Vmm {
@@ -35,7 +38,13 @@ impl Vmm {
                 .map_err(|e| e.to_string())?;
             handles.push(h);
         }
-        Ok(Vmm { vm, handles, ctl })
+        Ok(Vmm {
+            vm,
+            handles,
+            ctl,
+            started: Instant::now(),
+            ready_after: None,
+        })
     }
 
     /// Serves events until the VM stops; returns the process exit code.
@@ -61,6 +70,9 @@ impl Vmm {
                 VmmEvent::GuestReset => {
                     eprintln!("ltv-vmm: guest reset (i8042), stopping");
                     break if panicked { EXIT_ERROR } else { EXIT_OK };
+                }
+                VmmEvent::GuestReady => {
+                    self.ready_after.get_or_insert(self.started.elapsed());
                 }
                 VmmEvent::GuestHalted => {
                     eprintln!("ltv-vmm: guest halted/powered off, stopping");
@@ -105,6 +117,9 @@ impl Vmm {
                 "memory_mib": self.vm.memory_mib,
                 "flavour": format!("{:?}", self.vm.flavour),
                 "boot": if self.vm.pvh { "pvh" } else { "linux" },
+                "uptime_ms": self.started.elapsed().as_millis() as u64,
+                "ready": self.ready_after.is_some(),
+                "ready_ms": self.ready_after.map(|d| d.as_millis() as u64),
             }),
             ControlRequest::Pause => {
                 self.ctl.set(RunState::Paused);

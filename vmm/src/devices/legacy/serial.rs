@@ -23,6 +23,9 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// The line the project's guest /init prints once it is up (guest-kernel/init.c).
+pub const READY_MARKER: &str = "LTV-READY";
+
 /// Kernel lines that mean the guest is done, and whether that is a clean stop.
 const MARKERS: &[(&str, bool)] = &[
     ("reboot: Power down", true),
@@ -57,6 +60,9 @@ impl Console {
             return;
         }
         let line = String::from_utf8_lossy(&self.line);
+        if line.trim_end() == READY_MARKER {
+            let _ = self.events.send(VmmEvent::GuestReady);
+        }
         for (marker, clean) in MARKERS {
             if line.contains(marker) {
                 let ev = if *clean {
@@ -168,9 +174,10 @@ mod tests {
         let mut tmp = tempfile::NamedTempFile::new().unwrap();
         let console = Console::new(tmp.reopen().unwrap(), false, tx);
         let mut dev = SerialDevice::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), console);
-        for b in b"hello\nreboot: Power off not available: System halted instead\n" {
+        for b in b"hello\nLTV-READY\r\nreboot: Power off not available: System halted instead\n" {
             dev.write(0, &[*b]);
         }
+        assert!(matches!(rx.try_recv(), Ok(VmmEvent::GuestReady)));
         let mut s = String::new();
         tmp.read_to_string(&mut s).unwrap();
         assert!(s.starts_with("hello\n"));
