@@ -112,7 +112,15 @@ fn start_and_density_with_the_real_binary() {
         eprintln!("skipped: ltv bench needs root (namespaces, cgroups, drop_caches)");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    // Not /tmp: other test suites on shared hosts clean it.
+    let dir = tempfile::Builder::new()
+        .prefix("ltv-bench-e2e-")
+        .tempdir_in(if Path::new("/var/tmp").is_dir() {
+            "/var/tmp"
+        } else {
+            "/tmp"
+        })
+        .unwrap();
 
     let out = dir.path().join("start");
     let v = bench(
