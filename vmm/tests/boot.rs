@@ -11,6 +11,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_ltv-vmm");
 /// A boot takes 10-40 s on the PVM development host; leave plenty of room.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// Scratch space under the target dir: on a shared host other jobs may clean /tmp mid-boot.
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
 fn write_config(dir: &Path, body: serde_json::Value) -> PathBuf {
     let p = dir.join("vm.json");
     std::fs::write(&p, body.to_string()).unwrap();
@@ -27,7 +32,7 @@ fn run_to_end(cfg: &Path) -> (i32, String) {
 
 #[test]
 fn corrupt_kernel_is_bad_config() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch_dir();
     let kernel = dir.path().join("vmlinux");
     std::fs::write(&kernel, vec![0x5au8; 8192]).unwrap();
     let cfg = write_config(
@@ -45,7 +50,7 @@ fn corrupt_kernel_is_bad_config() {
 
 #[test]
 fn vcpu_count_out_of_range_is_bad_config() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch_dir();
     let kernel = dir.path().join("vmlinux");
     let mut elf = vec![0u8; 64];
     elf[..4].copy_from_slice(b"\x7fELF");
@@ -70,7 +75,7 @@ fn vcpu_count_out_of_range_is_bad_config() {
 
 #[test]
 fn malformed_json_and_missing_file_are_bad_config() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch_dir();
     let p = dir.path().join("vm.json");
     std::fs::write(&p, "{not json").unwrap();
     assert_eq!(run_to_end(&p).0, 2);
@@ -137,7 +142,7 @@ fn boots_guest_kernel_to_ready_and_powers_off() {
         );
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch_dir();
     let initrd = match guest_initramfs(dir.path()) {
         Ok(p) => p,
         Err(why) => {
@@ -249,7 +254,7 @@ fn boot_with(extra: serde_json::Value) -> Option<(Option<i32>, String, String)> 
         println!("SKIP: no guest kernel in /var/cache/ltv/kernel/*/vmlinux");
         return None;
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch_dir();
     let initrd = match guest_initramfs(dir.path()) {
         Ok(p) => p,
         Err(why) => {
