@@ -18,7 +18,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-vmm}"
 
 VMLINUX="${1:-$(ls -t /var/cache/ltv/kernel/*/vmlinux 2>/dev/null | head -1 || true)}"
 [[ -f $VMLINUX ]] || { echo "no vmlinux (build guest-kernel/build.sh or pass one)" >&2; exit 1; }
-WORK="$(mktemp -d /tmp/ltv-bench.XXXXXX)"
+mkdir -p "$CARGO_TARGET_DIR"
+WORK="$(mktemp -d "$CARGO_TARGET_DIR/ltv-bench.XXXXXX")"  # not /tmp: shared hosts clean it
 trap 'rm -rf "$WORK"' EXIT
 INITRD="${2:-}"
 if [[ -z $INITRD ]]; then
