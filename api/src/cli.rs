@@ -39,6 +39,21 @@ pub enum Command {
         /// Container helpers kept pre-spawned to cut start latency (cgroup v1; 0 turns it off).
         #[arg(long, default_value_t = 2)]
         pool: usize,
+        /// Guest kernel for microVMs (default: the newest guest-kernel/build.sh built).
+        #[arg(long, env = "LTV_KERNEL")]
+        kernel: Option<PathBuf>,
+        /// Bridge for instance networking, created if missing; `none` for loopback only.
+        #[arg(long, default_value = "ltvbr0")]
+        bridge: String,
+        /// The bridge's IPv4 subnet; the daemon hands out static addresses in it.
+        #[arg(long, default_value = "10.87.0.0/24")]
+        subnet: String,
+    },
+    /// Run one microVM's monitor (the daemon starts one per microVM).
+    #[command(hide = true)]
+    Vmm {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Create and start an application container in the foreground.
     Run(RunArgs),
@@ -102,6 +117,9 @@ pub struct Limits {
     /// No user namespace: root inside is root on the host.
     #[arg(long)]
     pub privileged: bool,
+    /// `bridge` (default) or `none`.
+    #[arg(long)]
+    pub network: Option<String>,
 }
 
 impl Limits {
@@ -114,6 +132,7 @@ impl Limits {
             command,
             workdir: self.workdir.clone(),
             privileged: self.privileged,
+            network: self.network.clone(),
         }
     }
 }
@@ -218,12 +237,27 @@ pub async fn run(cli: Cli) -> i32 {
             state_dir,
             cgroup_root,
             pool,
+            kernel,
+            bridge,
+            subnet,
         } => {
+            let bridge = match bridge.as_str() {
+                "none" => None,
+                name => match ltv_containers::network::BridgeConfig::new(name, &subnet) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        eprintln!("Error: --bridge/--subnet: {e}");
+                        return 2;
+                    }
+                },
+            };
             let config = DaemonConfig {
                 state_dir,
                 socket: cli.socket,
                 cgroup_root,
                 pool_size: pool,
+                kernel,
+                bridge,
             };
             match crate::daemon::serve(config, shutdown_signal()).await {
                 Ok(()) => 0,
@@ -233,6 +267,8 @@ pub async fn run(cli: Cli) -> i32 {
                 }
             }
         }
+        // main() runs it before any runtime exists; this is for callers of run().
+        Command::Vmm { config } => ltv_vmm::vmm_main(&config),
         Command::Run(args) => run_foreground(&client, args).await,
         Command::Launch(args) => launch(&client, args).await.map_or_else(fail, |_| 0),
         Command::Exec(args) => {
@@ -410,17 +446,18 @@ async fn list(client: &Client, format: &str) -> Result<(), ClientError> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<7} {:<8} {:<12} {:>8}  CREATED",
-        "NAME", "KIND", "STATUS", "IMAGE", "PID"
+        "{:<24} {:<7} {:<8} {:<12} {:<15} {:>8}  CREATED",
+        "NAME", "KIND", "STATUS", "IMAGE", "ADDRESS", "PID"
     );
     for i in instances {
         let pid = i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:<7} {:<8} {:<12} {:>8}  {}",
+            "{:<24} {:<7} {:<8} {:<12} {:<15} {:>8}  {}",
             i.name,
             i.kind.as_str(),
             i.status.as_str(),
             i.image,
+            i.address.as_deref().unwrap_or("-"),
             pid,
             i.created_at
         );

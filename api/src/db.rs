@@ -26,7 +26,9 @@ CREATE TABLE IF NOT EXISTS instances (
     auto_remove INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
     -- first host id of the instance's user-namespace range; UNIQUE: ranges never overlap
-    idmap_base INTEGER UNIQUE
+    idmap_base INTEGER UNIQUE,
+    -- static IPv4 address on the bridge; UNIQUE: never handed out twice
+    address TEXT UNIQUE
 );
 CREATE TABLE IF NOT EXISTS images (
     alias TEXT PRIMARY KEY,
@@ -53,6 +55,13 @@ pub struct InstanceRow {
     pub instance: Instance,
     /// /proc start time of `pid`, to tell our process from a re-used pid.
     pub pid_start: Option<u64>,
+}
+
+/// What `insert_instance` allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocated {
+    pub idmap_base: Option<u32>,
+    pub address: Option<String>,
 }
 
 /// Host ids below this stay the host's own (users, systemd's dynamic ranges).
@@ -93,6 +102,7 @@ fn instance_from_row(row: &Row) -> rusqlite::Result<InstanceRow> {
             created_at: row.get("created_at")?,
             auto_remove: row.get::<_, i64>("auto_remove")? != 0,
             idmap_base: row.get("idmap_base")?,
+            address: row.get("address")?,
             usage: None,
         },
         pid_start: row.get::<_, Option<i64>>("pid_start")?.map(|v| v as u64),
@@ -140,8 +150,14 @@ impl Db {
 
     /// Inserts a new instance; `Ok(false)` when the name is taken.
     /// Inserts a new instance; `Ok(None)` when the name is taken. With `idmap`, a free
-    /// 65536-id range is allocated in the same transaction; its base is returned.
-    pub fn insert_instance(&self, i: &Instance, idmap: bool) -> Result<Option<Option<u32>>> {
+    /// 65536-id range is allocated in the same transaction, and with `subnet` a free
+    /// address in it (an error when it is full).
+    pub fn insert_instance(
+        &self,
+        i: &Instance,
+        idmap: bool,
+        subnet: Option<&ltv_containers::network::Ipv4Subnet>,
+    ) -> Result<Option<Allocated>> {
         let config = serde_json::to_string(&i.config)?;
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
@@ -152,10 +168,24 @@ impl Db {
             } else {
                 None
             };
+            let address = match subnet {
+                None => None,
+                Some(subnet) => {
+                    let mut stmt = tx.prepare("SELECT address FROM instances WHERE address IS NOT NULL")?;
+                    let used: Vec<std::net::Ipv4Addr> = stmt
+                        .query_map([], |r| r.get::<_, String>(0))?
+                        .filter_map(|a| a.ok()?.parse().ok())
+                        .collect();
+                    match ltv_containers::network::allocate(subnet, &used) {
+                        Some(a) => Some(a.to_string()),
+                        None => return Ok(Err(format!("no free address left in {subnet}"))),
+                    }
+                }
+            };
             let n = tx.execute(
                 "INSERT OR IGNORE INTO instances
-                 (name, kind, image, image_fingerprint, parent, config, status, auto_remove, created_at, idmap_base)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 (name, kind, image, image_fingerprint, parent, config, status, auto_remove, created_at, idmap_base, address)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     i.name,
                     i.kind.as_str(),
@@ -166,12 +196,14 @@ impl Db {
                     i.status.as_str(),
                     i.auto_remove as i64,
                     i.created_at,
-                    base
+                    base,
+                    address
                 ],
             )?;
             tx.commit()?;
-            Ok((n == 1).then_some(base))
-        })
+            Ok(Ok((n == 1).then_some(Allocated { idmap_base: base, address })))
+        })?
+        .map_err(anyhow::Error::msg)
     }
 
     pub fn instance(&self, name: &str) -> Result<Option<InstanceRow>> {
@@ -394,6 +426,7 @@ mod tests {
             created_at: now(),
             auto_remove: false,
             idmap_base: None,
+            address: None,
             usage: None,
         }
     }
@@ -404,18 +437,19 @@ mod tests {
         let path = dir.path().join("ltv.db");
         {
             let db = Db::open(&path).unwrap();
-            assert_eq!(db.insert_instance(&sample("a"), true).unwrap(), Some(Some(IDMAP_FIRST)));
+            let subnet: ltv_containers::network::Ipv4Subnet = "10.9.0.0/30".parse().unwrap();
+            let a = db.insert_instance(&sample("a"), true, Some(&subnet)).unwrap().unwrap();
+            assert_eq!(a, Allocated { idmap_base: Some(IDMAP_FIRST), address: Some("10.9.0.2".into()) });
             assert_eq!(
-                db.insert_instance(&sample("a"), true).unwrap(),
+                db.insert_instance(&sample("a"), true, Some(&subnet)).unwrap(),
                 None,
                 "duplicate must be refused"
             );
-            assert_eq!(
-                db.insert_instance(&sample("b"), true).unwrap(),
-                Some(Some(IDMAP_FIRST + IDMAP_SIZE)),
-                "ranges never overlap"
-            );
-            assert_eq!(db.insert_instance(&sample("c"), false).unwrap(), Some(None));
+            assert!(db.insert_instance(&sample("full"), false, Some(&subnet)).is_err(), "a /30 has one address for us");
+            let b = db.insert_instance(&sample("b"), true, None).unwrap().unwrap();
+            assert_eq!(b.idmap_base, Some(IDMAP_FIRST + IDMAP_SIZE), "ranges never overlap");
+            let c = db.insert_instance(&sample("c"), false, None).unwrap().unwrap();
+            assert_eq!(c, Allocated { idmap_base: None, address: None });
             db.delete_instance("b").unwrap();
             db.delete_instance("c").unwrap();
             db.set_running("a", 42, 7).unwrap();

@@ -33,6 +33,10 @@ pub async fn run() -> i32 {
         socket: dir.path().join("ltv.sock"),
         cgroup_root: format!("ltv-demo-{}", std::process::id()),
         pool_size: 1,
+        kernel: None,
+        // Loopback only: this daemon shares the host's network namespace, where the
+        // demo must not add a bridge.
+        bridge: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(daemon::serve(config.clone(), async {

@@ -9,9 +9,9 @@ use std::ffi::CString;
 pub fn is_guest_init() -> bool {
     // SAFETY: getpid has no preconditions.
     let pid1 = unsafe { libc::getpid() } == 1;
-    pid1 && std::env::args_os()
-        .next()
-        .is_some_and(|a| a.to_string_lossy().ends_with("init"))
+    // Exactly the kernel's `/init` (the initramfs entry), never a container's PID 1.
+    pid1 && std::env::args_os().next().is_some_and(|a| a == "/init")
+        && std::env::args_os().nth(1).is_none()
 }
 
 /// What `ltv.init=` on the kernel command line asks for.
@@ -73,7 +73,15 @@ pub fn main() -> ! {
     mount("sysfs", "/sys", "sysfs");
     let (dev, t, f) = (c("devtmpfs"), c("/dev"), c("devtmpfs"));
     // SAFETY: valid NUL-terminated strings.
-    unsafe { libc::mount(dev.as_ptr(), t.as_ptr(), f.as_ptr(), libc::MS_NOSUID, std::ptr::null()) };
+    unsafe {
+        libc::mount(
+            dev.as_ptr(),
+            t.as_ptr(),
+            f.as_ptr(),
+            libc::MS_NOSUID,
+            std::ptr::null(),
+        )
+    };
     // The kernel opened the initramfs' /dev/console; reopen it on devtmpfs for what we exec.
     let path = c("/dev/console");
     // SAFETY: plain open/dup2 on descriptors we own.

@@ -1,15 +1,26 @@
 use clap::Parser;
 use ltv::cli::{Cli, Command};
 
+mod guest_init;
+
 fn main() {
-    // Re-executed as a container's init helper: no runtime, no argument parsing.
+    // Re-executed as a container's init helper: no runtime, no argument parsing. First:
+    // the helper is PID 1 of its namespace too, and must never be taken for a guest init.
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == ltv_containers::process::INIT_ARG)
     {
         ltv_containers::process::init_main();
     }
+    // PID 1 of a microVM guest: mount, mark ready, exec the image's init.
+    if guest_init::is_guest_init() {
+        guest_init::main();
+    }
     let cli = Cli::parse();
+    // The VMM owns its signals and threads: no async runtime, no tracing.
+    if let Command::Vmm { config } = &cli.command {
+        std::process::exit(ltv_vmm::vmm_main(config));
+    }
     let daemonish = matches!(cli.command, Command::Daemon { .. } | Command::Demo);
     init_tracing(daemonish);
     let runtime = if daemonish {

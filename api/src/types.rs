@@ -104,6 +104,10 @@ pub struct InstanceConfig {
     /// Runs without a user namespace: root inside is root on the host. Off by default.
     #[serde(default)]
     pub privileged: bool,
+    /// `bridge` (default: a veth on the daemon's bridge with an address) or `none`
+    /// (only loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// `GET /1.0/instances/{name}`
@@ -128,6 +132,9 @@ pub struct Instance {
     /// containers); root inside is this uid on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idmap_base: Option<u32>,
+    /// IPv4 address on the daemon's bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// Live usage, present while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,

@@ -419,6 +419,25 @@ fn start_inner(
     };
     let start_time = proc_start_time(h.pid)
         .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
+    if let NetworkMode::Bridge {
+        bridge,
+        host_ifname,
+        address,
+        prefix,
+        gateway,
+    } = &spec.network
+    {
+        // Before the container runs anything: its first process sees eth0 up. The veth
+        // goes with the network namespace if anything below fails.
+        let att = crate::network::Attachment {
+            host_ifname: host_ifname.clone(),
+            address: *address,
+            prefix: *prefix,
+            gateway: *gateway,
+        };
+        crate::network::attach(h.pid, bridge, &att)
+            .map_err(|e| setup("attach network")(std::io::Error::other(e.to_string())))?;
+    }
     let msg = InitMsg::Start {
         spec: spec.clone(),
         mount_rootfs: spec.idmap.is_none(),

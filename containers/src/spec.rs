@@ -57,13 +57,22 @@ pub struct Limits {
     pub pids: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     /// A private network namespace with only `lo`, brought up.
     Loopback,
     /// A private network namespace with nothing configured.
     None,
+    /// `lo` plus `eth0`, a veth into `bridge` (which must exist), with a static address
+    /// and a default route through the gateway.
+    Bridge {
+        bridge: String,
+        host_ifname: String,
+        address: std::net::Ipv4Addr,
+        prefix: u8,
+        gateway: std::net::Ipv4Addr,
+    },
 }
 
 /// A user-namespace mapping of container ids `0..size` to host ids `host_uid..`.

@@ -7,6 +7,7 @@ use crate::types::{parse_size, ExecPost, Image, Instance, Kind, Usage};
 use async_trait::async_trait;
 use ltv_containers::cgroups;
 use ltv_containers::image::ImageStore;
+use ltv_containers::network::BridgeConfig;
 use ltv_containers::process::{self, Stdio};
 use crate::db::IDMAP_SIZE;
 use ltv_containers::spec::{ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec};
@@ -22,6 +23,8 @@ pub struct ContainerBackend {
     cgroup_root: String,
     /// Pre-spawned helpers (cgroup v1 only), refilled after each start.
     pool: Option<Arc<process::Pool>>,
+    /// The bridge instances attach to (`None`: loopback only).
+    bridge: Option<BridgeConfig>,
 }
 
 impl ContainerBackend {
@@ -31,6 +34,7 @@ impl ContainerBackend {
         images: Arc<ImageStore>,
         cgroup_root: String,
         pool_size: usize,
+        bridge: Option<BridgeConfig>,
     ) -> Self {
         // Spares a previous daemon left behind are not ours to claim.
         process::remove_stale_spares(&cgroup_root);
@@ -40,6 +44,7 @@ impl ContainerBackend {
             images,
             cgroup_root,
             pool,
+            bridge,
         };
         backend.refill_pool();
         backend
@@ -103,7 +108,46 @@ impl ContainerBackend {
             host_gid: base,
             size: IDMAP_SIZE,
         });
+        spec.network = self.network_of(instance)?;
         Ok(spec)
+    }
+
+    fn network_of(&self, instance: &Instance) -> Result<NetworkMode, ApiError> {
+        if instance.config.network.as_deref() == Some("none") {
+            return Ok(NetworkMode::None);
+        }
+        let (Some(address), Some(bridge)) = (&instance.address, &self.bridge) else {
+            return Ok(NetworkMode::Loopback);
+        };
+        let address = address
+            .parse()
+            .map_err(|_| ApiError::internal(format!("stored address {address:?} is not IPv4")))?;
+        let att = bridge.attachment(&instance.name, address);
+        Ok(NetworkMode::Bridge {
+            bridge: bridge.name.clone(),
+            host_ifname: att.host_ifname,
+            address: att.address,
+            prefix: att.prefix,
+            gateway: att.gateway,
+        })
+    }
+
+    /// /etc/hosts names the instance, written into the upper dir before the rootfs is
+    /// mounted (the image's stays untouched), owned by the container's root.
+    fn write_hosts(&self, instance: &Instance) -> Result<(), ApiError> {
+        let address = instance.address.as_deref().and_then(|a| a.parse().ok());
+        let etc = self.dir(&instance.name).join("upper/etc");
+        let owner = instance.idmap_base;
+        let io = |e: std::io::Error| ApiError::internal(format!("write {}/hosts: {e}", etc.display()));
+        if !etc.exists() {
+            std::fs::create_dir_all(&etc).map_err(io)?;
+            std::fs::set_permissions(&etc, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(io)?;
+            std::os::unix::fs::chown(&etc, owner, owner).map_err(io)?;
+        }
+        let hosts = etc.join("hosts");
+        std::fs::write(&hosts, ltv_containers::network::hosts_file(&instance.name, address)).map_err(io)?;
+        std::os::unix::fs::chown(&hosts, owner, owner).map_err(io)?;
+        Ok(())
     }
 
     fn rootfs_of(&self, image: &Image) -> PathBuf {
@@ -337,8 +381,15 @@ impl Backend for ContainerBackend {
         !instance.config.privileged
     }
 
+    fn wants_address(&self, instance: &Instance) -> bool {
+        instance.config.network.as_deref() != Some("none")
+    }
+
     fn validate(&self, instance: &Instance, image: &Image) -> Result<(), ApiError> {
         limits_of(instance)?;
+        if let Some(n) = instance.config.network.as_deref().filter(|n| !["bridge", "none"].contains(n)) {
+            return Err(ApiError::bad_request(format!("network {n:?}: use bridge or none")));
+        }
         self.main_process(instance, image, false).map(|_| ())
     }
 
@@ -361,6 +412,7 @@ impl Backend for ContainerBackend {
     ) -> Result<Started, ApiError> {
         let process = self.main_process(instance, image, tty)?;
         let spec = self.spec(instance, image, process)?;
+        self.write_hosts(instance)?;
         let pool = self.pool.clone();
         let started = blocking(move || process::start(&spec, stdio, pool.as_deref())).await?;
         self.refill_pool();
@@ -392,7 +444,11 @@ impl Backend for ContainerBackend {
         let spec = self.skeleton(&instance.name);
         blocking(move || process::destroy(&spec))
             .await?
-            .map_err(runtime_error)
+            .map_err(runtime_error)?;
+        // The veth goes with the container's network namespace; this covers a namespace
+        // that something else still holds.
+        let _ = ltv_containers::network::detach(&ltv_containers::network::host_ifname(&instance.name));
+        Ok(())
     }
 
     async fn delete(&self, instance: &Instance) -> Result<(), ApiError> {

@@ -2,6 +2,7 @@
 //! trait; the container and VM runtimes sit behind it.
 
 pub mod container;
+pub mod vm;
 
 use crate::daemon::error::ApiError;
 use crate::types::{ExecPost, Image, Instance, Usage};
@@ -17,6 +18,14 @@ pub struct Started {
 
 #[async_trait]
 pub trait Backend: Send + Sync {
+    /// Whether this host can run the kind at all (listed in `GET /1.0` `kinds`).
+    fn available(&self) -> bool {
+        true
+    }
+    /// Whether the instance gets an address on the daemon's bridge.
+    fn wants_address(&self, _instance: &Instance) -> bool {
+        false
+    }
     /// Whether the instance needs a private user-namespace id range.
     fn wants_idmap(&self, _instance: &Instance) -> bool {
         false

@@ -78,18 +78,46 @@ impl Daemon {
             created_at: now(),
             auto_remove: req.auto_remove,
             idmap_base: None,
+            address: None,
             usage: None,
         };
         let t = std::time::Instant::now();
         backend.validate(&instance, &image)?;
         let mut instance = instance;
-        match self.db.insert_instance(&instance, backend.wants_idmap(&instance))? {
+        let subnet = if backend.wants_address(&instance) {
+            match &self.bridge {
+                Ok(b) => Some(b.subnet),
+                Err(why) => {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        format!("{why} (use --network none)"),
+                    ))
+                }
+            }
+        } else {
+            None
+        };
+        let inserted = self
+            .db
+            .insert_instance(&instance, backend.wants_idmap(&instance), subnet.as_ref())
+            .map_err(|e| {
+                let text = format!("{e:#}");
+                if text.starts_with("no free address") {
+                    ApiError::conflict(text)
+                } else {
+                    ApiError::internal(text)
+                }
+            })?;
+        match inserted {
             None => {
                 return Err(ApiError::conflict(format!(
                     "instance {name:?} already exists"
                 )))
             }
-            Some(base) => instance.idmap_base = base,
+            Some(a) => {
+                instance.idmap_base = a.idmap_base;
+                instance.address = a.address;
+            }
         }
         if let Err(e) = backend.create(&instance, &image).await {
             let _ = backend.delete(&instance).await;

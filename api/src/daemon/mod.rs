@@ -8,11 +8,13 @@ pub mod pio;
 pub mod reaper;
 
 use crate::backend::container::ContainerBackend;
+use crate::backend::vm::VmBackend;
 use crate::backend::Backend;
 use crate::db::Db;
 use crate::types::Kind;
 use anyhow::{bail, Context, Result};
 use ltv_containers::image::ImageStore;
+use ltv_containers::network::BridgeConfig;
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -30,10 +32,16 @@ pub struct DaemonConfig {
     pub cgroup_root: String,
     /// Container helpers kept pre-spawned to cut start latency (cgroup v1 only).
     pub pool_size: usize,
+    /// Guest kernel for microVMs; `None`: the newest one guest-kernel/build.sh cached.
+    pub kernel: Option<PathBuf>,
+    /// The bridge that instances get a veth on; `None`: loopback only.
+    pub bridge: Option<BridgeConfig>,
 }
 
 pub struct Daemon {
     pub config: DaemonConfig,
+    /// The bridge in use, or why there is none.
+    pub bridge: Result<BridgeConfig, String>,
     pub db: Db,
     pub images: Arc<ImageStore>,
     backends: HashMap<Kind, Arc<dyn Backend>>,
@@ -53,6 +61,17 @@ impl Daemon {
         let images = Arc::new(ImageStore::open(&state.join("images"))?);
         let db = Db::open(&state.join("ltv.db"))?;
         db.fail_interrupted_operations()?;
+        // In the daemon's own network namespace (a test's, or the host's).
+        let bridge = match &config.bridge {
+            None => Err("the daemon runs without a bridge (--bridge none)".to_string()),
+            Some(b) => match ltv_containers::network::ensure_bridge(b) {
+                Ok(()) => Ok(b.clone()),
+                Err(e) => {
+                    tracing::error!("bridge {}: {e}; instances get loopback only", b.name);
+                    Err(format!("bridge {} is unavailable: {e}", b.name))
+                }
+            },
+        };
         let mut backends: HashMap<Kind, Arc<dyn Backend>> = HashMap::new();
         // One runtime serves both container kinds; the kind decides the first process.
         let containers: Arc<dyn Backend> = Arc::new(ContainerBackend::new(
@@ -60,11 +79,21 @@ impl Daemon {
             images.clone(),
             config.cgroup_root.clone(),
             config.pool_size,
+            bridge.as_ref().ok().cloned(),
         ));
         backends.insert(Kind::App, containers.clone());
         backends.insert(Kind::System, containers);
+        backends.insert(
+            Kind::Vm,
+            Arc::new(VmBackend::new(
+                instances_dir,
+                images.root().to_path_buf(),
+                config.kernel.clone(),
+            )),
+        );
         Ok(Arc::new(Daemon {
             config,
+            bridge,
             db,
             images,
             backends,
@@ -74,7 +103,12 @@ impl Daemon {
     }
 
     pub fn kinds(&self) -> Vec<Kind> {
-        let mut k: Vec<Kind> = self.backends.keys().copied().collect();
+        let mut k: Vec<Kind> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| b.available())
+            .map(|(k, _)| *k)
+            .collect();
         k.sort_by_key(|k| k.as_str());
         k
     }
