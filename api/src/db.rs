@@ -161,6 +161,10 @@ impl Db {
         let config = serde_json::to_string(&i.config)?;
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
+            // A taken name is a conflict whatever is left to allocate.
+            if tx.query_row("SELECT 1 FROM instances WHERE name = ?1", [&i.name], |_| Ok(())).optional()?.is_some() {
+                return Ok(Ok(None));
+            }
             let base = if idmap {
                 let mut stmt = tx.prepare("SELECT idmap_base FROM instances WHERE idmap_base IS NOT NULL")?;
                 let used: Vec<u32> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
@@ -438,18 +442,48 @@ mod tests {
         {
             let db = Db::open(&path).unwrap();
             let subnet: ltv_containers::network::Ipv4Subnet = "10.9.0.0/30".parse().unwrap();
-            let a = db.insert_instance(&sample("a"), true, Some(&subnet)).unwrap().unwrap();
-            assert_eq!(a, Allocated { idmap_base: Some(IDMAP_FIRST), address: Some("10.9.0.2".into()) });
+            let a = db
+                .insert_instance(&sample("a"), true, Some(&subnet))
+                .unwrap()
+                .unwrap();
             assert_eq!(
-                db.insert_instance(&sample("a"), true, Some(&subnet)).unwrap(),
+                a,
+                Allocated {
+                    idmap_base: Some(IDMAP_FIRST),
+                    address: Some("10.9.0.2".into())
+                }
+            );
+            assert_eq!(
+                db.insert_instance(&sample("a"), true, Some(&subnet))
+                    .unwrap(),
                 None,
                 "duplicate must be refused"
             );
-            assert!(db.insert_instance(&sample("full"), false, Some(&subnet)).is_err(), "a /30 has one address for us");
-            let b = db.insert_instance(&sample("b"), true, None).unwrap().unwrap();
-            assert_eq!(b.idmap_base, Some(IDMAP_FIRST + IDMAP_SIZE), "ranges never overlap");
-            let c = db.insert_instance(&sample("c"), false, None).unwrap().unwrap();
-            assert_eq!(c, Allocated { idmap_base: None, address: None });
+            assert!(
+                db.insert_instance(&sample("full"), false, Some(&subnet))
+                    .is_err(),
+                "a /30 has one address for us"
+            );
+            let b = db
+                .insert_instance(&sample("b"), true, None)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                b.idmap_base,
+                Some(IDMAP_FIRST + IDMAP_SIZE),
+                "ranges never overlap"
+            );
+            let c = db
+                .insert_instance(&sample("c"), false, None)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                c,
+                Allocated {
+                    idmap_base: None,
+                    address: None
+                }
+            );
             db.delete_instance("b").unwrap();
             db.delete_instance("c").unwrap();
             db.set_running("a", 42, 7).unwrap();
@@ -457,7 +491,11 @@ mod tests {
         let db = Db::open(&path).unwrap();
         let row = db.instance("a").unwrap().unwrap();
         assert_eq!(row.instance.idmap_base, Some(IDMAP_FIRST), "persisted");
-        assert_eq!(free_idmap_base(&[IDMAP_FIRST]), IDMAP_FIRST + IDMAP_SIZE, "b's range is free again");
+        assert_eq!(
+            free_idmap_base(&[IDMAP_FIRST]),
+            IDMAP_FIRST + IDMAP_SIZE,
+            "b's range is free again"
+        );
         assert_eq!(row.instance.status, Status::Running);
         assert_eq!(row.instance.pid, Some(42));
         assert_eq!(row.pid_start, Some(7));

@@ -57,6 +57,8 @@ pub struct TestDaemon {
     pub cgroup_root: String,
     /// `None`: the daemon shares the host's network (only for downloads from the apt mirror).
     pub netns: Option<String>,
+    /// Extra environment for the daemon process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -71,7 +73,16 @@ impl TestDaemon {
         Self::start_with(false)
     }
 
+    /// A daemon in its own network namespace, with extra environment (e.g. `LTV_KERNEL`).
+    pub fn start_with_env(env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_full(true, env)
+    }
+
     fn start_with(own_netns: bool) -> TestDaemon {
+        Self::start_full(own_netns, &[])
+    }
+
+    fn start_full(own_netns: bool, env: &[(&str, &str)]) -> TestDaemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}-{n}", std::process::id());
         let dir = tempfile::Builder::new()
@@ -92,6 +103,10 @@ impl TestDaemon {
             cgroup_root: format!("ltv-e2e-{id}"),
             netns,
             dir,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         d.spawn();
@@ -116,6 +131,7 @@ impl TestDaemon {
             .args(["--cgroup-root", &self.cgroup_root])
             .env("LTV_SOCKET", &self.socket)
             .env("LTV_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

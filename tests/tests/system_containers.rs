@@ -27,15 +27,33 @@ fn system_container_runs_init_unprivileged_and_stops_cleanly() {
     let pid = v["pid"].as_i64().unwrap();
     let base = v["idmap_base"].as_u64().expect("an id range") as u32;
     assert!(base >= 1_000_000, "{v}");
-    assert_eq!(host_uid_of(pid), base, "root inside is an unprivileged uid on the host");
-    assert_eq!(stdout(&d.ltv(&["exec", "sys1", "--", "cat", "/proc/1/comm"])), "init\n");
+    assert_eq!(
+        host_uid_of(pid),
+        base,
+        "root inside is an unprivileged uid on the host"
+    );
+    assert_eq!(
+        stdout(&d.ltv(&["exec", "sys1", "--", "cat", "/proc/1/comm"])),
+        "init\n"
+    );
     let map = stdout(&d.ltv(&["exec", "sys1", "--", "cat", "/proc/self/uid_map"]));
-    assert_eq!(map.split_whitespace().collect::<Vec<_>>(), ["0", &base.to_string(), "65536"]);
+    assert_eq!(
+        map.split_whitespace().collect::<Vec<_>>(),
+        ["0", &base.to_string(), "65536"]
+    );
     assert!(d.ok(&["info", "sys1"]).contains("Privileged: no"));
 
     // Files the container creates are owned by the mapped ids on the host.
-    d.ok(&["exec", "sys1", "--", "sh", "-c", "echo hi > /root/made-inside"]);
-    let meta = std::fs::metadata(d.state_dir.join("instances/sys1/upper/root/made-inside")).unwrap();
+    d.ok(&[
+        "exec",
+        "sys1",
+        "--",
+        "sh",
+        "-c",
+        "echo hi > /root/made-inside",
+    ]);
+    let meta =
+        std::fs::metadata(d.state_dir.join("instances/sys1/upper/root/made-inside")).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), base);
 
     // A second container gets a range that does not overlap.
@@ -46,12 +64,18 @@ fn system_container_runs_init_unprivileged_and_stops_cleanly() {
     // Stop: busybox init gets its poweroff signal and goes by itself (no kill needed).
     d.ok(&["stop", "sys1", "--timeout", "20"]);
     let v = d.wait_status("sys1", "Stopped", Duration::from_secs(1));
-    assert_ne!(v["exit_code"], 137, "init powered off rather than being killed: {v}");
+    assert_ne!(
+        v["exit_code"], 137,
+        "init powered off rather than being killed: {v}"
+    );
     assert!(d.cgroup_dirs("sys1").is_empty());
     // start reuses the upper dir.
     d.ok(&["start", "sys1"]);
     d.wait_status("sys1", "Running", Duration::from_secs(5));
-    assert_eq!(stdout(&d.ltv(&["exec", "sys1", "--", "cat", "/root/made-inside"])), "hi\n");
+    assert_eq!(
+        stdout(&d.ltv(&["exec", "sys1", "--", "cat", "/root/made-inside"])),
+        "hi\n"
+    );
 
     // --privileged opts out, and says so.
     d.ok(&["launch", "busybox", "priv", "--privileged"]);
@@ -71,7 +95,9 @@ fn killing_init_from_the_host_stops_the_instance() {
     require_root!();
     let d = daemon_with_busybox();
     d.ok(&["launch", "busybox", "victim"]);
-    let pid = d.wait_status("victim", "Running", Duration::from_secs(5))["pid"].as_i64().unwrap();
+    let pid = d.wait_status("victim", "Running", Duration::from_secs(5))["pid"]
+        .as_i64()
+        .unwrap();
     // SAFETY: kill on the init of the container this test launched.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     d.wait_status("victim", "Stopped", Duration::from_secs(10));
@@ -91,7 +117,12 @@ fn image_without_init_is_a_clear_error() {
     std::fs::copy("/bin/busybox", root.join("busybox")).unwrap();
     std::os::unix::fs::symlink("busybox", root.join("sh")).unwrap();
     let sh = |script: &str| {
-        let out = std::process::Command::new("sh").arg("-c").arg(script).current_dir(work.path()).output().unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(work.path())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{script}: {}", stderr(&out));
         stdout(&out)
     };
@@ -102,13 +133,27 @@ fn image_without_init_is_a_clear_error() {
         format!(r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{diff}"]}}}}"#),
     )
     .unwrap();
-    std::fs::write(work.path().join("manifest.json"), r#"[{"Config":"config.json","Layers":["layer.tar"]}]"#).unwrap();
+    std::fs::write(
+        work.path().join("manifest.json"),
+        r#"[{"Config":"config.json","Layers":["layer.tar"]}]"#,
+    )
+    .unwrap();
     sh("tar -cf image.tar manifest.json config.json layer.tar");
-    d.ok(&["image", "import", work.path().join("image.tar").to_str().unwrap(), "--alias", "noinit"]);
+    d.ok(&[
+        "image",
+        "import",
+        work.path().join("image.tar").to_str().unwrap(),
+        "--alias",
+        "noinit",
+    ]);
 
     let out = d.ltv(&["launch", "noinit", "sys"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("/sbin/init is missing"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/sbin/init is missing"),
+        "{}",
+        stderr(&out)
+    );
     d.assert_no_leftovers("sys");
     // As an app container the same image runs.
     let out = d.ltv(&["run", "--rm", "noinit", "--", "sh", "-c", "echo ok"]);
@@ -119,45 +164,112 @@ fn image_without_init_is_a_clear_error() {
 fn bridge_networking_between_containers() {
     require_root!();
     let d = daemon_with_busybox();
-    d.ok(&["launch", "busybox", "web", "--kind", "app", "--", "sh", "-c", "echo hello-from-web > /tmp/index.html; cd /tmp; exec httpd -f -p 8080"]);
+    d.ok(&[
+        "launch",
+        "busybox",
+        "web",
+        "--kind",
+        "app",
+        "--",
+        "sh",
+        "-c",
+        "echo hello-from-web > /tmp/index.html; cd /tmp; exec httpd -f -p 8080",
+    ]);
     d.ok(&["launch", "busybox", "box"]);
     let web = d.wait_status("web", "Running", Duration::from_secs(5));
     d.wait_status("box", "Running", Duration::from_secs(5));
     let web_ip = web["address"].as_str().expect("an address").to_string();
     let box_ip = d.instance("box")["address"].as_str().unwrap().to_string();
     assert_ne!(web_ip, box_ip);
-    assert!(d.ok(&["list"]).contains(&web_ip), "ltv list shows addresses");
+    assert!(
+        d.ok(&["list"]).contains(&web_ip),
+        "ltv list shows addresses"
+    );
 
-    let ip = stdout(&d.ltv(&["exec", "box", "--", "ip", "-4", "-o", "addr", "show", "eth0"]));
+    let ip = stdout(&d.ltv(&[
+        "exec", "box", "--", "ip", "-4", "-o", "addr", "show", "eth0",
+    ]));
     assert!(ip.contains(&format!("{box_ip}/24")), "{ip}");
     let route = stdout(&d.ltv(&["exec", "box", "--", "ip", "route"]));
     assert!(route.contains("default via 10.87.0.1"), "{route}");
     let hosts = stdout(&d.ltv(&["exec", "box", "--", "cat", "/etc/hosts"]));
-    assert!(hosts.contains(&format!("{box_ip}\tbox")) || hosts.contains(&format!("{box_ip} box")), "{hosts}");
+    assert!(
+        hosts.contains(&format!("{box_ip}\tbox")) || hosts.contains(&format!("{box_ip} box")),
+        "{hosts}"
+    );
 
     let out = d.ltv(&["exec", "box", "--", "ping", "-c", "1", "-W", "2", &web_ip]);
-    assert!(out.status.success(), "ping {web_ip}: {} {}", stdout(&out), stderr(&out));
-    let page = d.ltv(&["exec", "box", "--", "wget", "-q", "-O", "-", &format!("http://{web_ip}:8080/index.html")]);
+    assert!(
+        out.status.success(),
+        "ping {web_ip}: {} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let page = d.ltv(&[
+        "exec",
+        "box",
+        "--",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &format!("http://{web_ip}:8080/index.html"),
+    ]);
     assert_eq!(stdout(&page), "hello-from-web\n", "{}", stderr(&page));
 
     // --network none: loopback only, no address handed out.
-    d.ok(&["launch", "busybox", "alone", "--kind", "app", "--network", "none", "--", "sleep", "600"]);
+    d.ok(&[
+        "launch",
+        "busybox",
+        "alone",
+        "--kind",
+        "app",
+        "--network",
+        "none",
+        "--",
+        "sleep",
+        "600",
+    ]);
     let v = d.wait_status("alone", "Running", Duration::from_secs(5));
     assert!(v.get("address").is_none(), "{v}");
-    let ifaces = stdout(&d.ltv(&["exec", "alone", "--", "sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"]));
+    let ifaces = stdout(&d.ltv(&[
+        "exec",
+        "alone",
+        "--",
+        "sh",
+        "-c",
+        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '",
+    ]));
     assert_eq!(ifaces, "lo\n");
 
     // Deleting frees the address and the veth.
     d.ok(&["delete", "--force", "web"]);
     d.assert_no_leftovers("web");
-    d.ok(&["launch", "busybox", "web2", "--kind", "app", "--", "sleep", "600"]);
-    assert_eq!(d.instance("web2")["address"].as_str(), Some(web_ip.as_str()), "the freed address is reused");
+    d.ok(&[
+        "launch", "busybox", "web2", "--kind", "app", "--", "sleep", "600",
+    ]);
+    assert_eq!(
+        d.instance("web2")["address"].as_str(),
+        Some(web_ip.as_str()),
+        "the freed address is reused"
+    );
     for n in ["box", "alone", "web2"] {
         d.ok(&["delete", "--force", n]);
     }
     let links = std::process::Command::new("ip")
-        .args(["netns", "exec", d.netns.as_deref().unwrap(), "ip", "-o", "link"])
+        .args([
+            "netns",
+            "exec",
+            d.netns.as_deref().unwrap(),
+            "ip",
+            "-o",
+            "link",
+        ])
         .output()
         .unwrap();
-    assert!(!stdout(&links).contains("veth"), "no veth left: {}", stdout(&links));
+    assert!(
+        !stdout(&links).contains("veth"),
+        "no veth left: {}",
+        stdout(&links)
+    );
 }
