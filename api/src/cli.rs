@@ -84,6 +84,9 @@ pub enum Command {
         #[arg(short, long)]
         force: bool,
     },
+    /// Change a running or stopped instance's limits: `ltv config set NAME memory 256MiB`.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Show an instance's console output.
     Logs {
         name: String,
@@ -194,6 +197,12 @@ pub struct StopArgs {
     /// Seconds to wait for a clean stop before killing.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Set one of memory, cpus, pids.
+    Set { name: String, key: String, value: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -326,6 +335,26 @@ pub async fn run(cli: Cli) -> i32 {
             let path = format!("/1.0/instances/{name}?force={force}");
             client
                 .call_raw(Method::DELETE, &path, None::<&()>)
+                .await
+                .map_or_else(fail, |_| 0)
+        }
+        Command::Config(ConfigCommand::Set { name, key, value }) => {
+            let mut patch = InstancePatch::default();
+            let bad = |m: String| fail(ClientError { status: None, message: m });
+            match key.as_str() {
+                "memory" => patch.memory = Some(value),
+                "cpus" => match value.parse() {
+                    Ok(v) => patch.cpus = Some(v),
+                    Err(_) => return bad(format!("cpus: {value:?} is not a number")),
+                },
+                "pids" => match value.parse() {
+                    Ok(v) => patch.pids = Some(v),
+                    Err(_) => return bad(format!("pids: {value:?} is not a whole number")),
+                },
+                other => return bad(format!("unknown key {other:?}: use memory, cpus or pids")),
+            }
+            client
+                .call::<Instance>(Method::PATCH, &format!("/1.0/instances/{name}"), Some(&patch))
                 .await
                 .map_or_else(fail, |_| 0)
         }
@@ -479,7 +508,10 @@ fn print_info(i: &Instance) {
         println!("PID:        {pid}");
     }
     match i.idmap_base {
-        Some(base) => println!("Privileged: no (root is host uid {base}, ids {base}-{})", base + 65535),
+        Some(base) => println!(
+            "Privileged: no (root is host uid {base}, ids {base}-{})",
+            base + 65535
+        ),
         None if i.kind == Kind::Vm => {}
         None => println!("Privileged: yes (root is host root)"),
     }

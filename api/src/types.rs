@@ -188,6 +188,17 @@ pub enum StateAction {
     Restart,
 }
 
+/// `PATCH /1.0/instances/{name}`: the keys given replace the instance's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct InstancePatch {
+    #[serde(default)]
+    pub memory: Option<String>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub pids: Option<u64>,
+}
+
 /// `PUT /1.0/instances/{name}/state`
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StatePut {

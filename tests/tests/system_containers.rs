@@ -273,3 +273,72 @@ fn bridge_networking_between_containers() {
         stdout(&links)
     );
 }
+
+#[test]
+fn limits_change_while_running_and_oom_stays_inside() {
+    require_root!();
+    let d = daemon_with_busybox();
+    d.ok(&[
+        "launch", "busybox", "lim", "--memory", "64MiB", "--pids", "50",
+    ]);
+    d.ok(&["launch", "busybox", "bystander"]);
+    d.wait_status("lim", "Running", Duration::from_secs(5));
+    let mem_file = |name: &str| -> Option<String> {
+        ltv_e2e::cgroup_mounts()
+            .iter()
+            .map(|m| m.join(&d.cgroup_root).join(name))
+            .find_map(|dir| {
+                std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
+                    .or_else(|_| std::fs::read_to_string(dir.join("memory.max")))
+                    .ok()
+            })
+            .map(|s| s.trim().to_string())
+    };
+    assert_eq!(mem_file("lim").as_deref(), Some("67108864"));
+    d.ok(&["config", "set", "lim", "memory", "32MiB"]);
+    assert_eq!(
+        mem_file("lim").as_deref(),
+        Some("33554432"),
+        "applied while running"
+    );
+    assert!(d.ok(&["info", "lim"]).contains("memory=32MiB"));
+    let (s, e) = d.api_json("PATCH", "/1.0/instances/lim", Some(r#"{"pids":0}"#));
+    assert_eq!(s, 400, "{e}");
+    let (s, _) = d.api_json("PATCH", "/1.0/instances/lim", Some(r#"{"cpus":999}"#));
+    assert_eq!(s, 400, "more CPUs than the host has");
+    assert!(!d
+        .ltv(&["config", "set", "lim", "memory", "lots"])
+        .status
+        .success());
+    assert_eq!(
+        mem_file("lim").as_deref(),
+        Some("33554432"),
+        "refused changes change nothing"
+    );
+
+    // A 64 MiB allocation in a 32 MiB container: the kernel kills it inside.
+    let out = d.ltv(&[
+        "exec",
+        "lim",
+        "--",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=64M",
+        "count=1",
+    ]);
+    assert_eq!(out.status.code(), Some(137), "OOM-killed: {}", stderr(&out));
+    assert_eq!(
+        d.instance("lim")["status"],
+        "Running",
+        "the container itself carries on"
+    );
+    assert_eq!(
+        stdout(&d.ltv(&["exec", "bystander", "--", "echo", "fine"])),
+        "fine\n"
+    );
+    for n in ["lim", "bystander"] {
+        d.ok(&["delete", "--force", n]);
+        d.assert_no_leftovers(n);
+    }
+}

@@ -3,13 +3,13 @@
 
 use super::{Backend, Started};
 use crate::daemon::error::ApiError;
+use crate::db::IDMAP_SIZE;
 use crate::types::{parse_size, ExecPost, Image, Instance, Kind, Usage};
 use async_trait::async_trait;
 use ltv_containers::cgroups;
 use ltv_containers::image::ImageStore;
 use ltv_containers::network::BridgeConfig;
 use ltv_containers::process::{self, Stdio};
-use crate::db::IDMAP_SIZE;
 use ltv_containers::spec::{ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -138,14 +138,20 @@ impl ContainerBackend {
         let address = instance.address.as_deref().and_then(|a| a.parse().ok());
         let etc = self.dir(&instance.name).join("upper/etc");
         let owner = instance.idmap_base;
-        let io = |e: std::io::Error| ApiError::internal(format!("write {}/hosts: {e}", etc.display()));
+        let io =
+            |e: std::io::Error| ApiError::internal(format!("write {}/hosts: {e}", etc.display()));
         if !etc.exists() {
             std::fs::create_dir_all(&etc).map_err(io)?;
-            std::fs::set_permissions(&etc, std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(io)?;
+            std::fs::set_permissions(&etc, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .map_err(io)?;
             std::os::unix::fs::chown(&etc, owner, owner).map_err(io)?;
         }
         let hosts = etc.join("hosts");
-        std::fs::write(&hosts, ltv_containers::network::hosts_file(&instance.name, address)).map_err(io)?;
+        std::fs::write(
+            &hosts,
+            ltv_containers::network::hosts_file(&instance.name, address),
+        )
+        .map_err(io)?;
         std::os::unix::fs::chown(&hosts, owner, owner).map_err(io)?;
         Ok(())
     }
@@ -174,10 +180,21 @@ impl ContainerBackend {
     /// The signal that asks the image's init to power off, as LXC sends it.
     fn poweroff_signal(&self, fingerprint: &str) -> nix::sys::signal::Signal {
         use nix::sys::signal::Signal;
-        let init = self.images.get(fingerprint).ok().and_then(|i| i.config.init);
+        let init = self
+            .images
+            .get(fingerprint)
+            .ok()
+            .and_then(|i| i.config.init);
         let init = init.unwrap_or_else(|| "/sbin/init".into());
-        let path = self.images.root().join(fingerprint).join("rootfs").join(init.trim_start_matches('/'));
-        let target = std::fs::read_link(&path).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = self
+            .images
+            .root()
+            .join(fingerprint)
+            .join("rootfs")
+            .join(init.trim_start_matches('/'));
+        let target = std::fs::read_link(&path)
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if target.contains("busybox") {
             Signal::SIGUSR2
         } else if target.contains("systemd") {
@@ -387,8 +404,15 @@ impl Backend for ContainerBackend {
 
     fn validate(&self, instance: &Instance, image: &Image) -> Result<(), ApiError> {
         limits_of(instance)?;
-        if let Some(n) = instance.config.network.as_deref().filter(|n| !["bridge", "none"].contains(n)) {
-            return Err(ApiError::bad_request(format!("network {n:?}: use bridge or none")));
+        if let Some(n) = instance
+            .config
+            .network
+            .as_deref()
+            .filter(|n| !["bridge", "none"].contains(n))
+        {
+            return Err(ApiError::bad_request(format!(
+                "network {n:?}: use bridge or none"
+            )));
         }
         self.main_process(instance, image, false).map(|_| ())
     }
@@ -447,7 +471,8 @@ impl Backend for ContainerBackend {
             .map_err(runtime_error)?;
         // The veth goes with the container's network namespace; this covers a namespace
         // that something else still holds.
-        let _ = ltv_containers::network::detach(&ltv_containers::network::host_ifname(&instance.name));
+        let _ =
+            ltv_containers::network::detach(&ltv_containers::network::host_ifname(&instance.name));
         Ok(())
     }
 
@@ -485,6 +510,14 @@ impl Backend for ContainerBackend {
             pid: started.pid,
             start_time: started.start_time,
         })
+    }
+
+    async fn update_limits(&self, instance: &Instance) -> Result<(), ApiError> {
+        let limits = limits_of(instance)?;
+        let cg = cgroups::manager(&self.cgroup(&instance.name));
+        blocking(move || cg.apply(&limits))
+            .await?
+            .map_err(|e| ApiError::bad_request(format!("apply limits: {e}")))
     }
 
     async fn shutdown(&self) {

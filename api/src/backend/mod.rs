@@ -59,6 +59,13 @@ pub trait Backend: Send + Sync {
     ) -> Result<Started, ApiError>;
     /// The daemon is stopping: free what the backend holds for itself (instances stay).
     async fn shutdown(&self) {}
+    /// Applies the instance's (new) limits to it while it runs.
+    async fn update_limits(&self, instance: &Instance) -> Result<(), ApiError> {
+        Err(ApiError::not_implemented(format!(
+            "changing limits of a running {} instance is not supported",
+            instance.kind.as_str()
+        )))
+    }
     /// Current resource usage of a running instance.
     async fn usage(&self, instance: &Instance) -> Option<Usage>;
 }

@@ -27,7 +27,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/1.0/instances", get(instances_list).post(instances_post))
         .route(
             "/1.0/instances/{name}",
-            get(instance_get).delete(instance_delete),
+            get(instance_get)
+                .delete(instance_delete)
+                .patch(instance_patch),
         )
         .route("/1.0/instances/{name}/state", put(instance_state_put))
         .route("/1.0/instances/{name}/logs", get(instance_logs))
@@ -196,6 +198,19 @@ async fn instance_get(State(d): D, Path(name): Path<String>) -> Result<Json<Inst
     Ok(Json(d.instance_with_usage(&name).await?))
 }
 
+/// Changes limits (memory, cpus, pids), applied at once to a running instance; other
+/// keys take effect at the next start.
+#[utoipa::path(patch, path = "/1.0/instances/{name}", request_body = InstancePatch,
+    responses((status = 200, body = Instance), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn instance_patch(
+    State(d): D,
+    Path(name): Path<String>,
+    ApiJson(patch): ApiJson<InstancePatch>,
+) -> Result<Json<Instance>, ApiError> {
+    d.update_config(&name, &patch).await?;
+    Ok(Json(d.instance_with_usage(&name).await?))
+}
+
 #[derive(serde::Deserialize)]
 struct DeleteQuery {
     #[serde(default)]
@@ -357,6 +372,7 @@ async fn operations_list(State(d): D) -> Result<Json<Vec<Operation>>, ApiError> 
         instances_post,
         instance_get,
         instance_delete,
+        instance_patch,
         instance_state_put,
         instance_logs,
         instance_exec,
@@ -370,6 +386,7 @@ async fn operations_list(State(d): D) -> Result<Json<Vec<Operation>>, ApiError> 
         Instance,
         InstanceConfig,
         InstancesPost,
+        InstancePatch,
         AttachOptions,
         StatePut,
         StateAction,

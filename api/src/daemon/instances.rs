@@ -158,7 +158,12 @@ impl Daemon {
         let t = std::time::Instant::now();
         match backend.start(&instance, &image, stdio, tty).await {
             Ok(Started { pid, start_time }) => {
-                tracing::debug!(instance = name, pid, ms = t.elapsed().as_secs_f64() * 1e3, "started");
+                tracing::debug!(
+                    instance = name,
+                    pid,
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    "started"
+                );
                 self.db.set_running(name, pid, start_time)?;
                 self.supervise(name, pid);
                 Ok(pid)
@@ -205,7 +210,12 @@ impl Daemon {
                     tracing::error!(instance = name, "auto-remove failed: {e}");
                 }
                 let _ = self.db.delete_instance(name);
-                tracing::debug!(instance = name, ?exit, ms = t.elapsed().as_secs_f64() * 1e3, "exited and removed");
+                tracing::debug!(
+                    instance = name,
+                    ?exit,
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    "exited and removed"
+                );
                 return;
             }
             if let Err(e) = backend.cleanup(&instance).await {
@@ -213,7 +223,12 @@ impl Daemon {
             }
         }
         let _ = self.db.set_stopped(name, exit.code());
-        tracing::debug!(instance = name, ?exit, ms = t.elapsed().as_secs_f64() * 1e3, "exited and cleaned up");
+        tracing::debug!(
+            instance = name,
+            ?exit,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "exited and cleaned up"
+        );
     }
 
     /// The main process's exit, once the instance's resources are freed.
@@ -328,6 +343,34 @@ impl Daemon {
         let backend = self.backend(instance.kind)?;
         let image = self.instance_image(&instance)?;
         Ok(backend.exec(&instance, &image, pid, req, stdio).await?.pid)
+    }
+
+    /// Changes limits; a running instance gets them at once, and a refused change
+    /// (e.g. a memory limit below current use) leaves the old config in place.
+    pub async fn update_config(&self, name: &str, patch: &crate::types::InstancePatch) -> Result<(), ApiError> {
+        let lock = self.lock(name);
+        let _guard = lock.lock().await;
+        let mut instance = self.instance_row(name)?.instance;
+        let old = instance.clone();
+        if let Some(m) = &patch.memory {
+            instance.config.memory = Some(m.clone());
+        }
+        if patch.cpus.is_some() {
+            instance.config.cpus = patch.cpus;
+        }
+        if patch.pids.is_some() {
+            instance.config.pids = patch.pids;
+        }
+        let backend = self.backend(instance.kind)?;
+        backend.validate(&instance, &self.instance_image(&instance)?)?;
+        if instance.status == Status::Running {
+            if let Err(e) = backend.update_limits(&instance).await {
+                let _ = backend.update_limits(&old).await;
+                return Err(e);
+            }
+        }
+        self.db.set_config(name, &instance.config)?;
+        Ok(())
     }
 
     pub async fn instance_with_usage(&self, name: &str) -> Result<Instance, ApiError> {
