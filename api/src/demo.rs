@@ -34,9 +34,8 @@ pub async fn run() -> i32 {
         cgroup_root: format!("ltv-demo-{}", std::process::id()),
         pool_size: 1,
         kernel: None,
-        // Loopback only: this daemon shares the host's network namespace, where the
-        // demo must not add a bridge.
-        bridge: None,
+        // In the demo's own network namespace (see main.rs).
+        bridge: Some(ltv_containers::network::BridgeConfig::default()),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(daemon::serve(config.clone(), async {
@@ -254,6 +253,86 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
     client
         .call_raw(Method::DELETE, "/1.0/instances/web", None::<&()>)
         .await?;
+
+    step("A system container: its own init, unprivileged, on the bridge");
+    shell("ltv launch busybox sys1 && ltv info sys1");
+    let sys1 = InstancesPost {
+        name: Some("sys1".into()),
+        kind: Kind::System,
+        image: "busybox".into(),
+        parent: None,
+        config: InstanceConfig::default(),
+        start: true,
+        attach: None,
+        auto_remove: false,
+    };
+    let sys1: Instance = client
+        .call(Method::POST, "/1.0/instances", Some(&sys1))
+        .await?;
+    println!(
+        "sys1: {} at {}, root inside = host uid {}",
+        sys1.status.as_str(),
+        sys1.address.as_deref().unwrap_or("-"),
+        sys1.idmap_base
+            .map(|b| b.to_string())
+            .unwrap_or_else(|| "0".into())
+    );
+    shell("ltv exec sys1 -- ps");
+    exec(client, "sys1", &["ps"]).await?;
+    shell("ltv launch busybox www --kind app -- httpd -f -p 80 -h /etc");
+    let www = InstancesPost {
+        name: Some("www".into()),
+        kind: Kind::App,
+        image: "busybox".into(),
+        parent: None,
+        config: InstanceConfig {
+            command: vec![
+                "httpd".into(),
+                "-f".into(),
+                "-p".into(),
+                "80".into(),
+                "-h".into(),
+                "/etc".into(),
+            ],
+            ..Default::default()
+        },
+        start: true,
+        attach: None,
+        auto_remove: false,
+    };
+    let www: Instance = client
+        .call(Method::POST, "/1.0/instances", Some(&www))
+        .await?;
+    let url = format!(
+        "http://{}/hostname",
+        www.address.as_deref().unwrap_or("127.0.0.1")
+    );
+    shell(&format!("ltv exec sys1 -- wget -q -O - {url}"));
+    exec(client, "sys1", &["wget", "-q", "-O", "-", &url]).await?;
+    shell("ltv stop sys1   # busybox init gets its poweroff signal");
+    let t = Instant::now();
+    let stop = StatePut {
+        action: StateAction::Stop,
+        force: false,
+        timeout: Some(10),
+    };
+    let sys1: Instance = client
+        .call(Method::PUT, "/1.0/instances/sys1/state", Some(&stop))
+        .await?;
+    println!(
+        "sys1 is {} after {:.1} s",
+        sys1.status.as_str(),
+        t.elapsed().as_secs_f64()
+    );
+    for name in ["sys1", "www"] {
+        client
+            .call_raw(
+                Method::DELETE,
+                &format!("/1.0/instances/{name}?force=true"),
+                None::<&()>,
+            )
+            .await?;
+    }
 
     step("Start latency");
     let mut samples = Vec::new();

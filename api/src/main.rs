@@ -21,6 +21,15 @@ fn main() {
     if let Command::Vmm { config } = &cli.command {
         std::process::exit(ltv_vmm::vmm_main(config));
     }
+    if matches!(cli.command, Command::Demo) {
+        // The demo's daemon, bridge and containers live in a network namespace of their
+        // own, made while the process is still single-threaded, so the host's network is
+        // never touched.
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+            eprintln!("Error: the demo needs its own network namespace (run it as root): {e}");
+            std::process::exit(1);
+        }
+    }
     let daemonish = matches!(cli.command, Command::Daemon { .. } | Command::Demo);
     init_tracing(daemonish);
     let runtime = if daemonish {
