@@ -274,7 +274,7 @@ pub enum ImageSource {
 pub enum ProgressEvent {
     Stage { message: String },
     Advance { done: u64, total: Option<u64> },
-    Done { image: Image },
+    Done { image: Box<Image> },
     Error { code: u16, error: String },
 }
 

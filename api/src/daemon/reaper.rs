@@ -136,6 +136,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    #[allow(clippy::zombie_processes)] // reaped by `wait` through a pidfd
     async fn exit_codes_and_signals() {
         let child = std::process::Command::new("sh")
             .args(["-c", "exit 3"])
