@@ -9,9 +9,11 @@ use std::ffi::CString;
 pub fn is_guest_init() -> bool {
     // SAFETY: getpid has no preconditions.
     let pid1 = unsafe { libc::getpid() } == 1;
-    // Exactly the kernel's `/init` (the initramfs entry), never a container's PID 1.
+    // Exactly the kernel's `/init` (the initramfs entry), never a container's PID 1: the
+    // kernel may pass unknown command-line words as arguments, so those cannot tell them
+    // apart; /proc can, as nothing has mounted it yet when the kernel starts /init.
     pid1 && std::env::args_os().next().is_some_and(|a| a == "/init")
-        && std::env::args_os().nth(1).is_none()
+        && !std::path::Path::new("/proc/self").exists()
 }
 
 /// What `ltv.init=` on the kernel command line asks for.
