@@ -146,6 +146,22 @@ impl PreparedExec {
                 libc::_exit(126);
             }
         }
+        // Until execve, a clone holds a copy of every daemon descriptor, close-on-exec or
+        // not; a pool spare may wait here long, and a pipe end it holds would keep another
+        // container's stdin from ever reaching EOF. Keep only what we set up.
+        let keep = self
+            .dups
+            .iter()
+            .map(|(_, dst)| *dst)
+            .max()
+            .unwrap_or(2)
+            .max(2);
+        libc::syscall(
+            libc::SYS_close_range,
+            (keep + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        );
         if let Some(fd) = self.sync_fd {
             let mut b = 0u8;
             loop {

@@ -72,13 +72,9 @@ fn setup(stage: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 /// What the parent sends the helper on the control pipe.
 #[derive(Serialize, Deserialize)]
 enum InitMsg {
-    Start {
-        spec: ContainerSpec,
-        /// The helper mounts the overlay in its own mount namespace (the host never
-        /// sees it). Idmapped layers need the host's user namespace, so the parent
-        /// mounts those.
-        mount_rootfs: bool,
-    },
+    /// Comes with the rootfs as a detached mount (after the stdio fds), which the helper
+    /// attaches in its own mount namespace: the host's mount table never holds it.
+    Start { spec: ContainerSpec },
     Exec {
         spec: ContainerSpec,
         init_pid: i32,
@@ -202,14 +198,19 @@ impl Helper {
 
     /// Sends the message with the process's stdio attached (SCM_RIGHTS) and closes the
     /// socket: the helper reads to EOF.
-    fn send(&mut self, msg: &InitMsg, stdio: Stdio) -> Result<(), Error> {
+    fn send(&mut self, msg: &InitMsg, stdio: Stdio, rootfs: Option<&OwnedFd>) -> Result<(), Error> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         let buf =
             serde_json::to_vec(msg).map_err(|e| setup("encode spec")(std::io::Error::other(e)))?;
         let Some(fd) = self.ctl.take() else {
             return Ok(());
         };
-        let fds = [stdio.stdin.as_raw_fd(), stdio.stdout.as_raw_fd(), stdio.stderr.as_raw_fd()];
+        let mut fds = vec![
+            stdio.stdin.as_raw_fd(),
+            stdio.stdout.as_raw_fd(),
+            stdio.stderr.as_raw_fd(),
+        ];
+        fds.extend(rootfs.map(|m| m.as_raw_fd()));
         let iov = [std::io::IoSlice::new(&buf)];
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let sent = match sendmsg::<()>(fd.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
@@ -356,20 +357,14 @@ pub fn start(spec: &ContainerSpec, stdio: Stdio, pool: Option<&Pool>) -> Result<
             ),
         });
     }
-    let mut mounted = false;
     let mut helper: Option<Helper> = None;
     let spare = pool.and_then(|p| p.take_for(spec));
-    let r = start_inner(spec, stdio, cg.as_ref(), spare, &mut mounted, &mut helper);
+    let r = start_inner(spec, stdio, cg.as_ref(), spare, &mut helper);
     if r.is_err() {
         if let Some(h) = helper.as_mut() {
             h.kill_and_reap();
         }
         let _ = cg.kill_all();
-        if mounted {
-            if let Err(e) = rootfs::unmount_all(&spec.rootfs.mountpoint) {
-                tracing::warn!("{}: cleanup: {e}", spec.name);
-            }
-        }
         if let Err(e) = cg.remove() {
             tracing::warn!("{}: cleanup: {e}", spec.name);
         }
@@ -382,25 +377,32 @@ fn start_inner(
     stdio: Stdio,
     cg: &dyn CgroupManager,
     spare: Option<Spare>,
-    mounted: &mut bool,
     helper: &mut Option<Helper>,
 ) -> Result<Started, Error> {
+    let rootfs_mount = rootfs::detached_overlay(&spec.rootfs, spec.idmap.as_ref())
+        .map_err(setup("mount rootfs"))?;
     let h = match spare {
-        // Its cgroup was made and joined ahead of time: it only needs our name.
+        // Its cgroup was made and joined ahead of time: it only needs our name, and a
+        // user-namespaced one its id map, before it may exec the helper.
         Some(spare) => {
             let h = helper.insert(spare.helper);
-            spare.cgroup.rename_to(&spec.cgroup).map_err(setup("claim spare cgroup"))?;
-            cg.apply(&spec.limits).map_err(setup("apply cgroup limits"))?;
+            spare
+                .cgroup
+                .rename_to(&spec.cgroup)
+                .map_err(setup("claim spare cgroup"))?;
+            cg.apply(&spec.limits)
+                .map_err(setup("apply cgroup limits"))?;
+            if let Some(m) = &spec.idmap {
+                namespaces::write_id_maps(h.pid, m)
+                    .map_err(setup("write user namespace id maps"))?;
+                h.release()?;
+            }
             h
         }
         None => {
             cg.create().map_err(setup("create cgroup"))?;
-            cg.apply(&spec.limits).map_err(setup("apply cgroup limits"))?;
-            if spec.idmap.is_some() {
-                rootfs::mount_overlay(&spec.rootfs, spec.idmap.as_ref())
-                    .map_err(setup("mount rootfs"))?;
-                *mounted = true;
-            }
+            cg.apply(&spec.limits)
+                .map_err(setup("apply cgroup limits"))?;
             let cg_fd = cgroup_dir_fd(cg);
             let h = helper.insert(Helper::spawn(
                 namespaces::clone_flags(spec.idmap.is_some()),
@@ -438,11 +440,8 @@ fn start_inner(
         crate::network::attach(h.pid, bridge, &att)
             .map_err(|e| setup("attach network")(std::io::Error::other(e.to_string())))?;
     }
-    let msg = InitMsg::Start {
-        spec: spec.clone(),
-        mount_rootfs: spec.idmap.is_none(),
-    };
-    h.send(&msg, stdio)?;
+    let msg = InitMsg::Start { spec: spec.clone() };
+    h.send(&msg, stdio, Some(&rootfs_mount))?;
     h.wait_status()?;
     Ok(Started {
         pid: h.pid,
@@ -491,11 +490,14 @@ pub struct Pool {
     counter: std::sync::atomic::AtomicU64,
     /// One refill at a time; a refill asked for meanwhile is covered by its loop.
     refilling: std::sync::atomic::AtomicBool,
+    /// Spares for user-namespaced containers: they wait for their id map before they
+    /// exec the helper.
+    userns: bool,
 }
 
 impl Pool {
     /// A pool of `size` spares under cgroup `root`; `None` where it would not help (v2).
-    pub fn new(root: &str, size: usize) -> Option<Pool> {
+    pub fn new(root: &str, size: usize, userns: bool) -> Option<Pool> {
         if size == 0 || cgroups::Layout::detect() == cgroups::Layout::V2 {
             return None;
         }
@@ -505,12 +507,22 @@ impl Pool {
             spares: std::sync::Mutex::new(Vec::new()),
             counter: std::sync::atomic::AtomicU64::new(0),
             refilling: std::sync::atomic::AtomicBool::new(false),
+            userns,
         })
     }
 
+    /// Whether the spares are for user-namespaced containers.
+    pub fn userns(&self) -> bool {
+        self.userns
+    }
+
     fn take_for(&self, spec: &ContainerSpec) -> Option<Spare> {
-        let parent = spec.cgroup.trim_matches('/').rsplit_once('/').map(|(p, _)| p);
-        if spec.idmap.is_some() || parent != Some(self.root.as_str()) {
+        let parent = spec
+            .cgroup
+            .trim_matches('/')
+            .rsplit_once('/')
+            .map(|(p, _)| p);
+        if spec.idmap.is_some() != self.userns || parent != Some(self.root.as_str()) {
             return None;
         }
         let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
@@ -537,7 +549,11 @@ impl Pool {
                 break;
             }
             match self.spawn_spare() {
-                Ok(s) => self.spares.lock().unwrap_or_else(|p| p.into_inner()).push(s),
+                Ok(s) => self
+                    .spares
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(s),
                 Err(e) => {
                     tracing::warn!("container pool: cannot spawn a spare helper: {e}");
                     break;
@@ -548,13 +564,17 @@ impl Pool {
     }
 
     fn spawn_spare(&self) -> Result<Spare, Error> {
-        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = format!("{}/.spare-{}-{n}", self.root, std::process::id());
         let cg = cgroups::manager(&path);
         cg.create().map_err(setup("create spare cgroup"))?;
         let spare = (|| {
-            let mut h = Helper::spawn(namespaces::clone_flags(false), None)?;
-            let joined = h.release().and_then(|_| {
+            let mut h = Helper::spawn(namespaces::clone_flags(self.userns), None)?;
+            // A user-namespaced spare may not run before its id map exists.
+            let released = if self.userns { Ok(()) } else { h.release() };
+            let joined = released.and_then(|_| {
                 cg.add_process(h.pid)
                     .map_err(setup("add spare helper to cgroup"))
             });
@@ -598,7 +618,10 @@ pub fn remove_stale_spares(root: &str) {
         return;
     };
     let mut names = std::collections::BTreeSet::new();
-    for m in mounts.iter().filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2") {
+    for m in mounts
+        .iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+    {
         if let Ok(dir) = std::fs::read_dir(m.mount_point.join(root.trim_matches('/'))) {
             for e in dir.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -652,6 +675,7 @@ pub fn exec(
                 process: process.clone(),
             },
             stdio,
+            None,
         )?;
         h.wait_status()?;
         Ok(Started {
@@ -803,9 +827,9 @@ fn exit_code(err: &InitError) -> i32 {
 /// Entry point of the re-executed helper; never returns.
 pub fn init_main() -> ! {
     let r = std::panic::catch_unwind(|| {
-        let msg = helper_prologue()?;
+        let (msg, rootfs) = helper_prologue()?;
         match msg {
-            InitMsg::Start { spec, mount_rootfs } => init_start(&spec, mount_rootfs),
+            InitMsg::Start { spec } => init_start(&spec, rootfs.as_ref()),
             InitMsg::Exec {
                 spec,
                 init_pid,
@@ -828,7 +852,7 @@ pub fn init_main() -> ! {
     std::process::exit(exit_code(&err))
 }
 
-fn helper_prologue() -> InitResult<InitMsg> {
+fn helper_prologue() -> InitResult<(InitMsg, Option<OwnedFd>)> {
     // SAFETY: fd flag changes and closing descriptors nobody else in this process uses.
     unsafe {
         libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
@@ -839,25 +863,39 @@ fn helper_prologue() -> InitResult<InitMsg> {
         // Anything else inherited from the daemon must not reach the container.
         libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
     }
-    let buf = receive_message().map_err(|e| ("read spec", e))?;
-    serde_json::from_slice(&buf).map_err(|e| ("decode spec", e).into())
+    let (buf, extra) = receive_message().map_err(|e| ("read spec", e))?;
+    let msg = serde_json::from_slice(&buf).map_err(|e| ("decode spec", e))?;
+    Ok((msg, extra))
 }
 
-/// Reads the message to EOF; the stdio descriptors that come with it become 0, 1 and 2.
-fn receive_message() -> std::io::Result<Vec<u8>> {
+/// Reads the message to EOF; the stdio descriptors that come with it become 0, 1 and 2,
+/// and a fourth one (the rootfs mount) is returned.
+fn receive_message() -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut stdio_set = false;
+    let mut extra = None;
     loop {
-        let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(CTL_FD, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(errno_io)?;
+        let msg = recvmsg::<()>(
+            CTL_FD,
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(errno_io)?;
         let n = msg.bytes;
         for c in msg.cmsgs().map_err(errno_io)? {
             if let ControlMessageOwned::ScmRights(fds) = c {
                 for (i, fd) in fds.iter().enumerate() {
+                    if i == 3 && !stdio_set {
+                        // SAFETY: a descriptor we just received, now owned here.
+                        extra = Some(unsafe { OwnedFd::from_raw_fd(*fd) });
+                        continue;
+                    }
                     if i < 3 && !stdio_set {
                         // SAFETY: dup2 onto our stdio, then close the received copy.
                         unsafe {
@@ -877,14 +915,17 @@ fn receive_message() -> std::io::Result<Vec<u8>> {
     }
     // SAFETY: done with the control socket.
     unsafe { libc::close(CTL_FD) };
-    Ok(out)
+    Ok((out, extra))
 }
 
 fn errno_str(e: nix::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
 }
 
-fn init_start(spec: &ContainerSpec, mount_rootfs: bool) -> InitResult<std::convert::Infallible> {
+fn init_start(
+    spec: &ContainerSpec,
+    rootfs_mount: Option<&OwnedFd>,
+) -> InitResult<std::convert::Infallible> {
     // Built first: a filter that cannot compile must fail before anything else.
     let filters = security::default_seccomp().map_err(|e| ("seccomp", e))?;
     let cg_mounts = rootfs::CgroupMounts::detect().map_err(|e| ("rootfs", e))?;
@@ -893,11 +934,15 @@ fn init_start(spec: &ContainerSpec, mount_rootfs: bool) -> InitResult<std::conve
     if spec.network == NetworkMode::Loopback {
         namespaces::loopback_up().map_err(|e| ("bring lo up", e))?;
     }
-    if mount_rootfs {
-        // Private first: the overlay must not propagate back to the host.
-        rootfs::make_private().map_err(|e| ("rootfs", e))?;
-        rootfs::mount_overlay(&spec.rootfs, None).map_err(|e| ("mount rootfs", e))?;
-    }
+    let Some(rootfs_mount) = rootfs_mount else {
+        return Err(InitError::Other(
+            "no rootfs mount came with the spec".into(),
+        ));
+    };
+    // Private first: nothing from here may propagate back to the host.
+    rootfs::make_private().map_err(|e| ("rootfs", e))?;
+    rootfs::attach_detached(rootfs_mount, &spec.rootfs.mountpoint)
+        .map_err(|e| ("mount rootfs", e))?;
     rootfs::setup(&spec.rootfs.mountpoint, spec.process.tty, &cg_mounts)
         .map_err(|e| ("rootfs", e))?;
     session(spec.process.tty)?;

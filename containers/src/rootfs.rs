@@ -75,6 +75,114 @@ pub fn overlay_options(spec: &RootfsSpec) -> String {
     )
 }
 
+/// Builds the overlay as a detached mount (the new mount API) that the container's
+/// helper attaches inside its own mount namespace with [`attach_detached`]: the host's
+/// mount table never holds it, and a helper spawned ahead of time (the pool) can still
+/// get a rootfs made later. With a user namespace, the image layers are idmapped and the
+/// upper dir is given to the container's root.
+pub fn detached_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    for d in [&spec.upperdir, &spec.workdir, &spec.mountpoint] {
+        std::fs::create_dir_all(d).map_err(|e| err(format!("create {}", d.display()), e))?;
+    }
+    // The layer fds must stay open until fsconfig has taken them.
+    let mut layer_fds = Vec::new();
+    let lower: Vec<String> = match idmap {
+        None => spec
+            .lowerdirs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        Some(m) => {
+            std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
+                .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
+            let userns = crate::namespaces::userns_with_map(m)
+                .map_err(|e| err("user namespace for idmapped mounts".into(), e))?;
+            for l in &spec.lowerdirs {
+                layer_fds.push(idmapped_clone(l, &userns)?);
+            }
+            layer_fds
+                .iter()
+                .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .collect()
+        }
+    };
+    let cstr = |s: &str| {
+        std::ffi::CString::new(s)
+            .map_err(|_| Error::new(ErrorKind::InvalidInput, "NUL in overlay option"))
+    };
+    // SAFETY: fsopen with a C string; the result is a new fd we own.
+    let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) };
+    if fs < 0 {
+        return Err(err("fsopen overlay".into(), Error::last_os_error()));
+    }
+    // SAFETY: fs was just returned by fsopen.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    let set = |key: &str, value: Option<&str>| -> Result<()> {
+        let k = cstr(key)?;
+        let v = value.map(cstr).transpose()?;
+        let (cmd, vptr) = match &v {
+            Some(v) => (FSCONFIG_SET_STRING, v.as_ptr()),
+            None => (FSCONFIG_CMD_CREATE, std::ptr::null()),
+        };
+        let kptr = if v.is_some() {
+            k.as_ptr()
+        } else {
+            std::ptr::null()
+        };
+        // SAFETY: fsconfig on our fs context with valid (or null) C strings.
+        let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), cmd, kptr, vptr, 0) };
+        if r < 0 {
+            return Err(err(format!("overlay {key}"), Error::last_os_error()));
+        }
+        Ok(())
+    };
+    // lowerdir+ (one layer per call) would avoid the 4 KiB option limit, but needs 6.8.
+    set("lowerdir", Some(&lower.join(":")))?;
+    set("upperdir", Some(&spec.upperdir.display().to_string()))?;
+    set("workdir", Some(&spec.workdir.display().to_string()))?;
+    set("create", None)?;
+    // SAFETY: fsmount on a created context; the result is a detached mount fd we own.
+    let m = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0) };
+    if m < 0 {
+        return Err(err("fsmount overlay".into(), Error::last_os_error()));
+    }
+    drop(layer_fds);
+    // SAFETY: m was just returned by fsmount.
+    Ok(unsafe { OwnedFd::from_raw_fd(m as i32) })
+}
+
+/// Attaches a detached mount (from [`detached_overlay`]) at `target`.
+pub fn attach_detached(mount: &OwnedFd, target: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let t = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::new(ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: move_mount from our detached mount fd to a C path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(err(
+            format!("attach rootfs at {}", target.display()),
+            Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
 /// Mounts the overlay at the mountpoint (creating upper, work and mountpoint dirs).
 /// With a user namespace, the upper dir's root is given to the container's root so that
 /// `/` is writable inside.

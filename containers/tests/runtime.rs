@@ -33,7 +33,10 @@ fn main() {
         ("user_namespace", user_namespace),
         ("tty", tty),
         ("cgroup_v2_on_real_mount", cgroup_v2_on_real_mount),
-        ("pool_spare_becomes_the_container", pool_spare_becomes_the_container),
+        (
+            "pool_spare_becomes_the_container",
+            pool_spare_becomes_the_container,
+        ),
         ("timing", timing),
         ("concurrent_from_threads", concurrent_from_threads),
         (
@@ -472,7 +475,13 @@ fn user_namespace(env: &Env) {
 }
 
 fn pool_spare_becomes_the_container(env: &Env) {
-    let Some(pool) = process::Pool::new(&env.cg_parent, 1) else {
+    for userns in [false, true] {
+        pool_spare_run(env, userns);
+    }
+}
+
+fn pool_spare_run(env: &Env, userns: bool) {
+    let Some(pool) = process::Pool::new(&env.cg_parent, 1, userns) else {
         eprintln!("pool: skipped (cgroup v2 host: CLONE_INTO_CGROUP makes the pool moot)");
         return;
     };
@@ -486,19 +495,34 @@ fn pool_spare_becomes_the_container(env: &Env) {
             .count()
     };
     assert!(spares() > 0, "a spare cgroup exists after refill");
-    let spec = env.spec("pooled", &["sh", "-c", &format!("{REPORT}; exec sleep 1000")]);
+    let name = if userns { "pooled-userns" } else { "pooled" };
+    let mut spec = env.spec(name, &["sh", "-c", &format!("{REPORT}; exec sleep 1000")]);
+    if userns {
+        spec.idmap = Some(IdMap {
+            host_uid: 300000,
+            host_gid: 300000,
+            size: 65536,
+        });
+    }
     let (io, r) = stdio();
     let s = process::start(&spec, io, Some(&pool)).expect("start from the pool");
     let out = read_until(&mut std::fs::File::from(r), "END");
-    assert_eq!(field(&out, "hostname="), "host-pooled");
+    assert_eq!(field(&out, "hostname="), format!("host-{name}"));
     assert_eq!(field(&out, "pid="), "1");
     assert_eq!(field(&out, "Seccomp:"), "2");
-    assert_eq!(spares(), 0, "the spare's cgroup was renamed to the container's");
+    assert_eq!(
+        spares(),
+        0,
+        "the spare's cgroup was renamed to the container's"
+    );
     let procs = cgroup_dirs(&spec)
         .iter()
         .map(|d| std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default())
         .collect::<Vec<_>>();
-    assert!(procs.iter().all(|p| p.contains(&s.pid.to_string())), "init in every hierarchy: {procs:?}");
+    assert!(
+        procs.iter().all(|p| p.contains(&s.pid.to_string())),
+        "init in every hierarchy: {procs:?}"
+    );
     // The overlay lives only in the container's mount namespace.
     let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!host_mounts.contains(spec.rootfs.mountpoint.to_str().unwrap()));

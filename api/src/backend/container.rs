@@ -21,8 +21,9 @@ pub struct ContainerBackend {
     images: Arc<ImageStore>,
     /// Our top-level cgroup, relative to each hierarchy root.
     cgroup_root: String,
-    /// Pre-spawned helpers (cgroup v1 only), refilled after each start.
-    pool: Option<Arc<process::Pool>>,
+    /// Pre-spawned helpers (cgroup v1 only), refilled after each start: one pool for
+    /// unprivileged (user-namespaced) containers, one for privileged ones.
+    pools: Vec<Arc<process::Pool>>,
     /// The bridge instances attach to (`None`: loopback only).
     bridge: Option<BridgeConfig>,
 }
@@ -38,23 +39,33 @@ impl ContainerBackend {
     ) -> Self {
         // Spares a previous daemon left behind are not ours to claim.
         process::remove_stale_spares(&cgroup_root);
-        let pool = process::Pool::new(&cgroup_root, pool_size).map(Arc::new);
+        // Most containers are unprivileged: that pool gets the size, the other one spare.
+        let pools = [(true, pool_size), (false, pool_size.min(1))]
+            .into_iter()
+            .filter_map(|(userns, size)| process::Pool::new(&cgroup_root, size, userns))
+            .map(Arc::new)
+            .collect();
         let backend = ContainerBackend {
             instances_dir,
             images,
             cgroup_root,
-            pool,
+            pools,
             bridge,
         };
-        backend.refill_pool();
+        for pool in &backend.pools {
+            backend.refill(pool.clone());
+        }
         backend
     }
 
-    fn refill_pool(&self) {
-        if let Some(pool) = self.pool.clone() {
-            // A dedicated thread: the refill waits on the kernel, not the runtime.
-            std::thread::spawn(move || pool.refill());
-        }
+    fn pool_for(&self, instance: &Instance) -> Option<Arc<process::Pool>> {
+        let userns = instance.idmap_base.is_some();
+        self.pools.iter().find(|p| p.userns() == userns).cloned()
+    }
+
+    fn refill(&self, pool: Arc<process::Pool>) {
+        // A dedicated thread: the refill waits on the kernel, not the runtime.
+        std::thread::spawn(move || pool.refill());
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -437,9 +448,12 @@ impl Backend for ContainerBackend {
         let process = self.main_process(instance, image, tty)?;
         let spec = self.spec(instance, image, process)?;
         self.write_hosts(instance)?;
-        let pool = self.pool.clone();
-        let started = blocking(move || process::start(&spec, stdio, pool.as_deref())).await?;
-        self.refill_pool();
+        let pool = self.pool_for(instance);
+        let claimed = pool.clone();
+        let started = blocking(move || process::start(&spec, stdio, claimed.as_deref())).await?;
+        if let Some(pool) = pool {
+            self.refill(pool);
+        }
         let started = started.map_err(runtime_error)?;
         Ok(Started {
             pid: started.pid,
@@ -521,7 +535,7 @@ impl Backend for ContainerBackend {
     }
 
     async fn shutdown(&self) {
-        if let Some(pool) = self.pool.clone() {
+        for pool in self.pools.clone() {
             let _ = blocking(move || pool.drain()).await;
         }
     }
