@@ -202,7 +202,11 @@ pub struct StopArgs {
 #[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
     /// Set one of memory, cpus, pids.
-    Set { name: String, key: String, value: String },
+    Set {
+        name: String,
+        key: String,
+        value: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -340,7 +344,12 @@ pub async fn run(cli: Cli) -> i32 {
         }
         Command::Config(ConfigCommand::Set { name, key, value }) => {
             let mut patch = InstancePatch::default();
-            let bad = |m: String| fail(ClientError { status: None, message: m });
+            let bad = |m: String| {
+                fail(ClientError {
+                    status: None,
+                    message: m,
+                })
+            };
             match key.as_str() {
                 "memory" => patch.memory = Some(value),
                 "cpus" => match value.parse() {
@@ -354,7 +363,11 @@ pub async fn run(cli: Cli) -> i32 {
                 other => return bad(format!("unknown key {other:?}: use memory, cpus or pids")),
             }
             client
-                .call::<Instance>(Method::PATCH, &format!("/1.0/instances/{name}"), Some(&patch))
+                .call::<Instance>(
+                    Method::PATCH,
+                    &format!("/1.0/instances/{name}"),
+                    Some(&patch),
+                )
                 .await
                 .map_or_else(fail, |_| 0)
         }

@@ -322,7 +322,9 @@ async fn images_post(
     let progress = ChannelProgress(Some(tx.clone()));
     tokio::spawn(async move {
         let last = match d.add_image(req, progress).await {
-            Ok(image) => ProgressEvent::Done { image: Box::new(image) },
+            Ok(image) => ProgressEvent::Done {
+                image: Box::new(image),
+            },
             Err(e) => ProgressEvent::Error {
                 code: e.status.as_u16(),
                 error: e.message,

@@ -347,7 +347,11 @@ impl Daemon {
 
     /// Changes limits; a running instance gets them at once, and a refused change
     /// (e.g. a memory limit below current use) leaves the old config in place.
-    pub async fn update_config(&self, name: &str, patch: &crate::types::InstancePatch) -> Result<(), ApiError> {
+    pub async fn update_config(
+        &self,
+        name: &str,
+        patch: &crate::types::InstancePatch,
+    ) -> Result<(), ApiError> {
         let lock = self.lock(name);
         let _guard = lock.lock().await;
         let mut instance = self.instance_row(name)?.instance;

@@ -178,7 +178,10 @@ fn remove_empty_cgroup_root(root: &str) {
     let Ok(mounts) = ltv_containers::mountinfo::read_self() else {
         return;
     };
-    for m in mounts.iter().filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2") {
+    for m in mounts
+        .iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+    {
         let _ = std::fs::remove_dir(m.mount_point.join(root));
     }
 }
