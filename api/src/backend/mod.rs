@@ -9,6 +9,15 @@ use crate::types::{ExecPost, Image, Instance, Usage};
 use async_trait::async_trait;
 use ltv_containers::process::Stdio;
 
+/// Removes an instance's directory; one that is already gone is fine.
+pub fn remove_instance_dir(dir: &std::path::Path) -> Result<(), ApiError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ApiError::internal(format!("remove {}: {e}", dir.display()))),
+    }
+}
+
 /// A process the daemon started and must wait for (its child).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Started {

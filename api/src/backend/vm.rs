@@ -322,11 +322,7 @@ impl Backend for VmBackend {
 
     async fn delete(&self, instance: &Instance) -> Result<(), ApiError> {
         let dir = self.dir(&instance.name);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ApiError::internal(format!("remove {}: {e}", dir.display()))),
-        }
+        super::remove_instance_dir(&dir)
     }
 
     async fn exec(
