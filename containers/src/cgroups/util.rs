@@ -37,7 +37,10 @@ pub fn ctx(e: Error, what: &str, path: &Path) -> Error {
 pub fn read_procs(path: &Path) -> Result<Vec<i32>> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(s.lines().filter_map(|l| l.trim().parse().ok()).collect()),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        // A group removed meanwhile (ENODEV while it goes) holds no process.
+        Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) => {
+            Ok(Vec::new())
+        }
         Err(e) => Err(ctx(e, "read", path)),
     }
 }

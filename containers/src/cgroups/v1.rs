@@ -263,7 +263,12 @@ impl CgroupManager for V1Manager {
         let frozen = self.freeze("FROZEN");
         util::kill_pids(&self.all_procs()?);
         if frozen.is_ok() {
-            self.freeze("THAWED")?;
+            // The group may have gone meanwhile (its last task exited and it was removed).
+            if let Err(e) = self.freeze("THAWED") {
+                if self.exists() {
+                    return Err(e);
+                }
+            }
         }
         util::wait_empty(
             || self.all_procs(),
