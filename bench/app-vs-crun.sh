@@ -28,6 +28,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
 WORK=$(mktemp -d /tmp/ltv-bench-XXXXXX)
+chmod 711 "$WORK"   # unprivileged containers' root walks down to its rootfs
 NETNS=ltv-bench-$$
 DAEMON_PID=
 cleanup() {

@@ -58,6 +58,7 @@ impl Daemon {
         std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711))?;
         let instances_dir = state.join("instances");
         std::fs::create_dir_all(&instances_dir)?;
+        check_traversable(&instances_dir)?;
         let images = Arc::new(ImageStore::open(&state.join("images"))?);
         let db = Db::open(&state.join("ltv.db"))?;
         db.fail_interrupted_operations()?;
@@ -126,6 +127,23 @@ impl Daemon {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(name.to_string()).or_default().clone()
     }
+}
+
+/// An unprivileged container's root is an ordinary host uid: it must be able to walk down
+/// to its rootfs. Say so at start-up rather than failing every container later.
+fn check_traversable(dir: &Path) -> Result<()> {
+    let dir = std::fs::canonicalize(dir)?;
+    for d in dir.ancestors() {
+        let mode = std::fs::metadata(d)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            bail!(
+                "{} (mode {:o}) is not searchable by others, so unprivileged containers could not reach their root filesystems below it: chmod o+x it, or use another --state-dir",
+                d.display(),
+                mode & 0o7777
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Binds the API socket (mode 0660), replacing a stale socket but never a live daemon's.
