@@ -444,3 +444,19 @@ fn bad_input_is_rejected_and_leaves_nothing() {
     assert_eq!(s, 200);
     d.assert_no_leftovers("dup");
 }
+
+#[test]
+fn state_dir_unprivileged_containers_cannot_reach_is_refused() {
+    require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = std::process::Command::new(ltv_e2e::ltv_bin())
+        .args(["daemon", "--bridge", "none", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .env("LTV_SOCKET", dir.path().join("ltv.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("chmod o+x"), "{}", stderr(&out));
+}
