@@ -448,6 +448,11 @@ impl Backend for ContainerBackend {
         let process = self.main_process(instance, image, tty)?;
         let spec = self.spec(instance, image, process)?;
         self.write_hosts(instance)?;
+        if matches!(spec.network, NetworkMode::Bridge { .. }) {
+            // A veth of this instance's previous run that is still being deleted.
+            let ifname = ltv_containers::network::host_ifname(&instance.name);
+            let _ = blocking(move || ltv_containers::network::detach(&ifname)).await;
+        }
         let pool = self.pool_for(instance);
         let claimed = pool.clone();
         let started = blocking(move || process::start(&spec, stdio, claimed.as_deref())).await?;
@@ -484,9 +489,11 @@ impl Backend for ContainerBackend {
             .await?
             .map_err(runtime_error)?;
         // The veth goes with the container's network namespace; this covers a namespace
-        // that something else still holds.
-        let _ =
-            ltv_containers::network::detach(&ltv_containers::network::host_ifname(&instance.name));
+        // that something else still holds. Deleting a link waits for the network stack to
+        // quiesce (tens of ms), so it runs off the request path; `start` removes a
+        // leftover before it attaches again.
+        let ifname = ltv_containers::network::host_ifname(&instance.name);
+        std::thread::spawn(move || ltv_containers::network::detach(&ifname));
         Ok(())
     }
 
