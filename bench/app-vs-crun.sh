@@ -76,7 +76,8 @@ unshare -m --propagation private sh -c "
     umount /sys/fs/cgroup/unified 2>/dev/null || true
     hyperfine -N --warmup 10 --runs $RUNS --export-json '$OUT/app-start.json' \
         -n ltv '$LTV run --rm busybox -- /bin/true' \
-        -n ltv-privileged '$LTV run --rm --privileged busybox -- /bin/true' \
+        -n ltv-none '$LTV run --rm --network none busybox -- /bin/true' \
+        -n ltv-privileged-none '$LTV run --rm --privileged --network none busybox -- /bin/true' \
         -n crun 'crun --root $WORK/crun run --bundle $BUNDLE bench-true'
 "
 python3 - "$OUT/app-start.json" <<'EOF'
@@ -84,8 +85,12 @@ import json, statistics, sys
 r = {x["command"]: x for x in json.load(open(sys.argv[1]))["results"]}
 med = {k: statistics.median(v["times"]) * 1e3 for k, v in r.items()}
 print(f"median: crun {med['crun']:.2f} ms")
-print(f"median: ltv (unprivileged, user namespace) {med['ltv']:.2f} ms, ratio ltv/crun = {med['ltv'] / med['crun']:.2f}x")
-print(f"median: ltv --privileged (as crun's default bundle) {med['ltv-privileged']:.2f} ms, ratio = {med['ltv-privileged'] / med['crun']:.2f}x")
+for name, what in [
+    ("ltv", "default: unprivileged (user namespace), veth on the bridge"),
+    ("ltv-none", "unprivileged, --network none (loopback, as crun's bundle)"),
+    ("ltv-privileged-none", "--privileged --network none (crun's default bundle)"),
+]:
+    print(f"median: {name} [{what}] {med[name]:.2f} ms, ratio to crun = {med[name] / med['crun']:.2f}x")
 EOF
 
 meminfo_kb() { # kernel + anon memory in use, in KiB
