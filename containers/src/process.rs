@@ -469,6 +469,12 @@ impl SpareCgroup {
             .map(|m| m.mount_point.clone())
             .filter(|mp| mp.join(&self.path).is_dir())
             .collect();
+        if dirs.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("spare cgroup {} is gone", self.path),
+            ));
+        }
         for mp in &dirs {
             std::fs::rename(mp.join(&self.path), mp.join(target))?;
         }
@@ -487,7 +493,6 @@ pub struct Pool {
     root: String,
     size: usize,
     spares: std::sync::Mutex<Vec<Spare>>,
-    counter: std::sync::atomic::AtomicU64,
     /// One refill at a time; a refill asked for meanwhile is covered by its loop.
     refilling: std::sync::atomic::AtomicBool,
     /// Spares for user-namespaced containers: they wait for their id map before they
@@ -505,7 +510,6 @@ impl Pool {
             root: root.trim_matches('/').to_string(),
             size,
             spares: std::sync::Mutex::new(Vec::new()),
-            counter: std::sync::atomic::AtomicU64::new(0),
             refilling: std::sync::atomic::AtomicBool::new(false),
             userns,
         })
@@ -564,9 +568,10 @@ impl Pool {
     }
 
     fn spawn_spare(&self) -> Result<Spare, Error> {
-        let n = self
-            .counter
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // One counter for every pool of the process: two pools under one root must never
+        // share a spare's cgroup.
+        static SPARES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SPARES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = format!("{}/.spare-{}-{n}", self.root, std::process::id());
         let cg = cgroups::manager(&path);
         cg.create().map_err(setup("create spare cgroup"))?;
