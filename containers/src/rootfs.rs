@@ -96,7 +96,7 @@ pub fn detached_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<Owne
         Some(m) => {
             std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
                 .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
-            let userns = crate::namespaces::userns_with_map(m)
+            let userns = crate::namespaces::userns_for(m)
                 .map_err(|e| err("user namespace for idmapped mounts".into(), e))?;
             for l in &spec.lowerdirs {
                 layer_fds.push(idmapped_clone(l, &userns)?);
