@@ -89,6 +89,28 @@ pub async fn run() -> i32 {
     }
 }
 
+/// `ltv launch`: a detached busybox instance.
+async fn launch(
+    client: &Client,
+    name: &str,
+    kind: Kind,
+    config: InstanceConfig,
+) -> Result<Instance, ClientError> {
+    let body = InstancesPost {
+        name: Some(name.into()),
+        kind,
+        image: "busybox".into(),
+        parent: None,
+        config,
+        start: true,
+        attach: None,
+        auto_remove: false,
+    };
+    client
+        .call(Method::POST, "/1.0/instances", Some(&body))
+        .await
+}
+
 async fn run_attached(
     client: &Client,
     image: &str,
@@ -197,24 +219,13 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
 
     step("A detached container with limits, exec and usage");
     shell("ltv launch busybox web --kind app --memory 32MiB --pids 20 -- sh -c 'while true; do echo tick; sleep 1; done'");
-    let body = InstancesPost {
-        name: Some("web".into()),
-        kind: Kind::App,
-        image: "busybox".into(),
-        parent: None,
-        config: InstanceConfig {
-            memory: Some("32MiB".into()),
-            pids: Some(20),
-            command: sh("while true; do echo tick; sleep 1; done"),
-            ..Default::default()
-        },
-        start: true,
-        attach: None,
-        auto_remove: false,
+    let config = InstanceConfig {
+        memory: Some("32MiB".into()),
+        pids: Some(20),
+        command: sh("while true; do echo tick; sleep 1; done"),
+        ..Default::default()
     };
-    let web: Instance = client
-        .call(Method::POST, "/1.0/instances", Some(&body))
-        .await?;
+    let web = launch(client, "web", Kind::App, config).await?;
     println!(
         "web is {} with host pid {}",
         web.status.as_str(),
@@ -256,19 +267,7 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
 
     step("A system container: its own init, unprivileged, on the bridge");
     shell("ltv launch busybox sys1 && ltv info sys1");
-    let sys1 = InstancesPost {
-        name: Some("sys1".into()),
-        kind: Kind::System,
-        image: "busybox".into(),
-        parent: None,
-        config: InstanceConfig::default(),
-        start: true,
-        attach: None,
-        auto_remove: false,
-    };
-    let sys1: Instance = client
-        .call(Method::POST, "/1.0/instances", Some(&sys1))
-        .await?;
+    let sys1 = launch(client, "sys1", Kind::System, InstanceConfig::default()).await?;
     println!(
         "sys1: {} at {}, root inside = host uid {}",
         sys1.status.as_str(),
@@ -280,29 +279,14 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
     shell("ltv exec sys1 -- ps");
     exec(client, "sys1", &["ps"]).await?;
     shell("ltv launch busybox www --kind app -- httpd -f -p 80 -h /etc");
-    let www = InstancesPost {
-        name: Some("www".into()),
-        kind: Kind::App,
-        image: "busybox".into(),
-        parent: None,
-        config: InstanceConfig {
-            command: vec![
-                "httpd".into(),
-                "-f".into(),
-                "-p".into(),
-                "80".into(),
-                "-h".into(),
-                "/etc".into(),
-            ],
-            ..Default::default()
-        },
-        start: true,
-        attach: None,
-        auto_remove: false,
+    let httpd = ["httpd", "-f", "-p", "80", "-h", "/etc"]
+        .map(String::from)
+        .to_vec();
+    let config = InstanceConfig {
+        command: httpd,
+        ..Default::default()
     };
-    let www: Instance = client
-        .call(Method::POST, "/1.0/instances", Some(&www))
-        .await?;
+    let www = launch(client, "www", Kind::App, config).await?;
     let url = format!(
         "http://{}/hostname",
         www.address.as_deref().unwrap_or("127.0.0.1")
@@ -338,21 +322,11 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
     let mut samples = Vec::new();
     for _ in 0..10 {
         let t = Instant::now();
-        let body = InstancesPost {
-            name: None,
-            kind: Kind::App,
-            image: "busybox".into(),
-            parent: None,
-            config: InstanceConfig {
-                command: vec!["/bin/true".into()],
-                ..Default::default()
-            },
-            start: true,
-            attach: Some(AttachOptions::default()),
-            auto_remove: true,
+        let config = InstanceConfig {
+            command: vec!["/bin/true".into()],
+            ..Default::default()
         };
-        let up = client.upgrade("/1.0/instances", &body).await?;
-        stream_stdio(up, false, false).await;
+        run_attached(client, "busybox", config).await?;
         samples.push(t.elapsed());
     }
     samples.sort();

@@ -196,7 +196,8 @@ impl PreparedExec {
 pub fn userns_for(map: &IdMap) -> Result<std::sync::Arc<OwnedFd>> {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<(u32, u32, u32), Arc<OwnedFd>>>> = OnceLock::new();
+    type Cache = Mutex<HashMap<(u32, u32, u32), Arc<OwnedFd>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let key = (map.host_uid, map.host_gid, map.size);
     let cache = CACHE.get_or_init(Default::default);
     if let Some(fd) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
