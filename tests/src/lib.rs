@@ -329,8 +329,23 @@ impl Drop for TestDaemon {
             }
         }
         self.stop_daemon();
-        for m in cgroup_mounts() {
-            let _ = std::fs::remove_dir(m.join(&self.cgroup_root));
+        // A daemon that had to be killed could not drain its helper pool: its spares
+        // exit when their control socket closes, and their empty groups go here.
+        for _ in 0..50 {
+            let mut left = false;
+            for m in cgroup_mounts() {
+                let root = m.join(&self.cgroup_root);
+                for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                    if e.file_name().to_string_lossy().starts_with(".spare-") {
+                        left |= std::fs::remove_dir(e.path()).is_err();
+                    }
+                }
+                let _ = std::fs::remove_dir(&root);
+            }
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         if let Some(ns) = &self.netns {
             let _ = Command::new("ip").args(["netns", "delete", ns]).status();
