@@ -318,12 +318,16 @@ impl Db {
             if reference.len() < 12 || !reference.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Ok(None);
             }
+            // Several aliases may name one image: the prefix must pick one fingerprint.
             let mut stmt =
-                c.prepare("SELECT * FROM images WHERE fingerprint LIKE ?1 || '%' LIMIT 2")?;
+                c.prepare("SELECT * FROM images WHERE fingerprint LIKE ?1 || '%' ORDER BY alias")?;
             let found: Vec<Image> = stmt
                 .query_map([reference], image_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
-            Ok(if found.len() == 1 {
+            let unique = found
+                .windows(2)
+                .all(|w| w[0].fingerprint == w[1].fingerprint);
+            Ok(if unique {
                 found.into_iter().next()
             } else {
                 None
@@ -512,6 +516,38 @@ mod tests {
         );
         db.delete_instance("a").unwrap();
         assert!(db.instance("a").unwrap().is_none());
+    }
+
+    #[test]
+    fn fingerprint_prefix_with_two_aliases() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("ltv.db")).unwrap();
+        let info = ltv_containers::image::ImageInfo {
+            fingerprint: "ab".repeat(32),
+            rootfs: "/x".into(),
+            config: Default::default(),
+            size_bytes: 1,
+            source: "test".into(),
+        };
+        db.put_image("one", &info).unwrap();
+        db.put_image("two", &info).unwrap();
+        assert_eq!(
+            db.image(&"ab".repeat(32)).unwrap().unwrap().fingerprint,
+            "ab".repeat(32)
+        );
+        assert_eq!(
+            db.image("abababababab").unwrap().unwrap().fingerprint,
+            "ab".repeat(32)
+        );
+        let other = ltv_containers::image::ImageInfo {
+            fingerprint: format!("{}{}", "ab".repeat(6), "cd".repeat(26)),
+            ..info
+        };
+        db.put_image("three", &other).unwrap();
+        assert!(
+            db.image("abababababab").unwrap().is_none(),
+            "ambiguous prefix"
+        );
     }
 
     #[test]

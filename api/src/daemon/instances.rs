@@ -28,17 +28,13 @@ impl Daemon {
     }
 
     fn instance_image(&self, instance: &Instance) -> Result<Image, ApiError> {
-        // By fingerprint: the alias may since point elsewhere.
-        self.db
-            .images()?
-            .into_iter()
-            .find(|i| i.fingerprint == instance.image_fingerprint)
-            .ok_or_else(|| {
-                ApiError::internal(format!(
-                    "the image of {:?} is gone from the store",
-                    instance.name
-                ))
-            })
+        // By fingerprint (64 hex digits, never an alias): the alias may since point elsewhere.
+        self.db.image(&instance.image_fingerprint)?.ok_or_else(|| {
+            ApiError::internal(format!(
+                "the image of {:?} is gone from the store",
+                instance.name
+            ))
+        })
     }
 
     pub fn log_path(&self, name: &str) -> std::path::PathBuf {
