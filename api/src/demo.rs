@@ -89,6 +89,17 @@ pub async fn run() -> i32 {
     }
 }
 
+/// `ltv stop NAME --timeout SECS`.
+async fn stop(client: &Client, name: &str, timeout: u64) -> Result<Instance, ClientError> {
+    let body = StatePut {
+        action: StateAction::Stop,
+        force: false,
+        timeout: Some(timeout),
+    };
+    let path = format!("/1.0/instances/{name}/state");
+    client.call(Method::PUT, &path, Some(&body)).await
+}
+
 /// `ltv launch`: a detached busybox instance.
 async fn launch(
     client: &Client,
@@ -252,14 +263,7 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
         .await?;
     print!("{}", String::from_utf8_lossy(&logs));
     shell("ltv stop web --timeout 1 && ltv delete web");
-    let stop = StatePut {
-        action: StateAction::Stop,
-        force: false,
-        timeout: Some(1),
-    };
-    let web: Instance = client
-        .call(Method::PUT, "/1.0/instances/web/state", Some(&stop))
-        .await?;
+    let web = stop(client, "web", 1).await?;
     println!("web is {}", web.status.as_str());
     client
         .call_raw(Method::DELETE, "/1.0/instances/web", None::<&()>)
@@ -295,14 +299,7 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
     exec(client, "sys1", &["wget", "-q", "-O", "-", &url]).await?;
     shell("ltv stop sys1   # busybox init gets its poweroff signal");
     let t = Instant::now();
-    let stop = StatePut {
-        action: StateAction::Stop,
-        force: false,
-        timeout: Some(10),
-    };
-    let sys1: Instance = client
-        .call(Method::PUT, "/1.0/instances/sys1/state", Some(&stop))
-        .await?;
+    let sys1 = stop(client, "sys1", 10).await?;
     println!(
         "sys1 is {} after {:.1} s",
         sys1.status.as_str(),

@@ -443,24 +443,11 @@ fn foreign_kib(roots: &[i32]) -> f64 {
 }
 
 fn children_of(ppid: u32) -> Vec<i32> {
-    let mut v = Vec::new();
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // Fields after the last ')' : state ppid ...
-            let ppid_f = stat
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            if ppid_f == Some(ppid) {
-                v.push(pid);
-            }
-        }
-    }
-    v
+    process_table()
+        .into_iter()
+        .filter(|&(_, parent)| parent == ppid as i32)
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 struct Point {

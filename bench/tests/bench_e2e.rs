@@ -1,29 +1,9 @@
 //! Runs `ltv bench` with the real binary (as root) and checks what it writes.
 
+use ltv_e2e::{is_root, ltv_bin};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn ltv_bin() -> PathBuf {
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/ltv
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("ltv");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p ltv` first",
-        bin.display()
-    );
-    bin
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn bench(args: &[&str], out: &Path) -> Value {
     let child = Command::new(ltv_bin())
