@@ -1,4 +1,5 @@
-//! Emulated devices and the buses they sit on. Virtio-mmio devices get their own folders later.
+//! Emulated devices and the buses they sit on.
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
