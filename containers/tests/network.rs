@@ -245,3 +245,137 @@ fn failures_leave_no_veth() {
         assert!(veths().trim().is_empty());
     });
 }
+
+fn link_line(name: &str) -> String {
+    let (ok, out) = run("ip", &["-d", "-o", "link", "show", "dev", name]);
+    assert!(ok, "{name}: {out}");
+    out
+}
+
+#[test]
+fn tap_on_the_bridge_then_detached() {
+    in_private_netns(|| {
+        let (ok, out) = run("ip", &["link", "add", "ltvtbr0", "type", "bridge"]);
+        assert!(ok, "{out}");
+        let tap = network::tap_ifname("vm-a");
+
+        network::create_tap(&tap, "ltvtbr0").unwrap();
+        let line = link_line(&tap);
+        assert!(line.contains("master ltvtbr0"), "{line}");
+        assert!(line.contains(",UP"), "{line}");
+        // What the VMM's virtio-net expects to attach to.
+        assert!(line.contains("tun type tap"), "{line}");
+        assert!(line.contains("persist on"), "{line}");
+
+        // The name is taken now; the TAP is left as it was.
+        let err = network::create_tap(&tap, "ltvtbr0").unwrap_err();
+        assert!(matches!(err, Error::InterfaceExists { .. }), "{err}");
+        assert!(link_line(&tap).contains("master ltvtbr0"));
+        // So is the name of any other interface.
+        let err = network::create_tap("ltvtbr0", "ltvtbr0").unwrap_err();
+        assert!(matches!(err, Error::InterfaceExists { .. }), "{err}");
+
+        // detach deletes a persistent TAP, and is idempotent.
+        network::detach(&tap).unwrap();
+        assert!(!link_exists(&tap));
+        network::detach(&tap).unwrap();
+
+        // Bad names, a missing bridge: nothing is created.
+        for (name, bridge) in [("bad/name", "ltvtbr0"), (tap.as_str(), "a-bridge-too-long")] {
+            let err = network::create_tap(name, bridge).unwrap_err();
+            assert!(matches!(err, Error::InvalidIfname { .. }), "{err}");
+        }
+        let err = network::create_tap(&tap, "nobridge").unwrap_err();
+        assert!(matches!(err, Error::NoSuchInterface { .. }), "{err}");
+        assert!(!link_exists(&tap));
+
+        // Enslaving fails after the TAP exists (the "bridge" is a veth): it is deleted again.
+        let (ok, out) = run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "ltvnotbr0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "ltvnotbr1",
+            ],
+        );
+        assert!(ok, "{out}");
+        let err = network::create_tap(&tap, "ltvnotbr0").unwrap_err();
+        assert!(err.to_string().contains("attaching"), "{err}");
+        assert!(!link_exists(&tap));
+
+        // The same TAP then works; removing the bridge releases it but does not delete it.
+        network::create_tap(&tap, "ltvtbr0").unwrap();
+        network::remove_bridge("ltvtbr0").unwrap();
+        assert!(
+            link_exists(&tap),
+            "deleting the bridge releases the TAP, not deletes it"
+        );
+        network::detach(&tap).unwrap();
+        assert!(!link_exists(&tap));
+    });
+}
+
+#[test]
+fn configure_interface_in_the_current_netns() {
+    in_private_netns(|| {
+        let (ok, out) = run(
+            "ip",
+            &[
+                "link", "add", "ltvcfg0", "type", "veth", "peer", "name", "ltvcfg1",
+            ],
+        );
+        assert!(ok, "{out}");
+
+        network::configure_interface(
+            "ltvcfg0",
+            Ipv4Addr::new(10, 213, 9, 5),
+            24,
+            Some(Ipv4Addr::new(10, 213, 9, 1)),
+        )
+        .unwrap();
+        let (ok, out) = run("ip", &["-4", "addr", "show", "dev", "ltvcfg0"]);
+        assert!(
+            ok && out.contains("inet 10.213.9.5/24 brd 10.213.9.255"),
+            "{out}"
+        );
+        assert!(link_line("ltvcfg0").contains(",UP"));
+        assert!(link_line("lo").contains(",UP"));
+        let (ok, out) = run("ip", &["-4", "route", "show", "default"]);
+        assert!(
+            ok && out.contains("default via 10.213.9.1 dev ltvcfg0"),
+            "{out}"
+        );
+
+        // Without a gateway: address and link only, the default route is left alone.
+        network::configure_interface("ltvcfg1", Ipv4Addr::new(10, 213, 10, 5), 30, None).unwrap();
+        let (_, out) = run("ip", &["-4", "addr", "show", "dev", "ltvcfg1"]);
+        assert!(out.contains("inet 10.213.10.5/30"), "{out}");
+        assert!(link_line("ltvcfg1").contains(",UP"));
+        let (_, out) = run("ip", &["-4", "route", "show", "default"]);
+        assert_eq!(out.lines().count(), 1, "{out}");
+
+        // Errors: a missing interface, a bad prefix, a bad name, a second default route.
+        let err = network::configure_interface("nosuch0", Ipv4Addr::new(10, 0, 0, 2), 24, None)
+            .unwrap_err();
+        assert!(matches!(err, Error::NoSuchInterface { .. }), "{err}");
+        let err = network::configure_interface("ltvcfg1", Ipv4Addr::new(10, 0, 0, 2), 33, None)
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidAttachment { .. }), "{err}");
+        let err =
+            network::configure_interface("a b", Ipv4Addr::new(10, 0, 0, 2), 24, None).unwrap_err();
+        assert!(matches!(err, Error::InvalidIfname { .. }), "{err}");
+        let err = network::configure_interface(
+            "ltvcfg1",
+            Ipv4Addr::new(10, 213, 10, 6),
+            30,
+            Some(Ipv4Addr::new(10, 213, 10, 5)),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("default route"), "{err}");
+    });
+}

@@ -11,18 +11,27 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{cpuid, layout, mptable};
 use crate::boot::{self, BootError};
 use crate::config::ValidatedConfig;
+use crate::config::VmConfig;
 use crate::control::ControlSocket;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{spawn_stdin_reader, Console, SerialDevice};
+use crate::devices::virtio::blk::Block;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
 use crate::flavour::{max_vcpus_for, pvm_compat_cmdline, Flavour};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 use crate::VmmEvent;
+use kvm_ioctls::IoEventAddress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("virtio device {0}: {1}")]
+    Device(String, std::io::Error),
     #[error("no usable KVM: /dev/kvm is missing or cannot be opened")]
     NoKvm,
     #[error("{vcpus} vCPUs requested but this host allows {max}: {reason}")]
@@ -65,6 +74,64 @@ impl BuildError {
                 | BuildError::Boot(BootError::Cmdline(_))
         )
     }
+}
+
+/// The config's virtio devices, named, in slot order: disks first, so the root disk is vda.
+type NamedDevice = (String, Box<dyn VirtioDevice>);
+
+fn virtio_devices(c: &VmConfig) -> Result<Vec<NamedDevice>, BuildError> {
+    let mut out: Vec<NamedDevice> = Vec::new();
+    for (i, d) in c.disks.iter().enumerate() {
+        let name = format!("virtio-blk{i}");
+        let dev = Block::new(&d.path, d.read_only, &d.id)
+            .map_err(|e| BuildError::Device(name.clone(), e))?;
+        out.push((name, Box::new(dev)));
+    }
+    if let Some(n) = &c.net {
+        let mac = crate::config::parse_mac(&n.mac).ok_or_else(|| {
+            BuildError::Device(
+                "virtio-net".into(),
+                std::io::Error::other("bad MAC address"),
+            )
+        })?;
+        let dev = Net::new(&n.tap, mac).map_err(|e| BuildError::Device(n.tap.clone(), e))?;
+        out.push(("virtio-net".into(), Box::new(dev)));
+    }
+    if let Some(v) = &c.vsock {
+        let dev = Vsock::new(v.guest_cid, &v.uds_path)
+            .map_err(|e| BuildError::Device("virtio-vsock".into(), e))?;
+        out.push(("virtio-vsock".into(), Box::new(dev)));
+    }
+    Ok(out)
+}
+
+/// Puts a device on the MMIO bus at its slot: irqfd on its GSI, ioeventfds on QueueNotify.
+/// Returns the `virtio_mmio.device=` argument that tells the guest where it is.
+fn attach_virtio(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    index: usize,
+    name: &str,
+    device: Box<dyn VirtioDevice>,
+) -> Result<String, BuildError> {
+    let base = layout::VIRTIO_MMIO_BASE + index as u64 * MMIO_LEN;
+    let gsi = layout::VIRTIO_IRQ_BASE + index as u32;
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&irqfd, gsi)?;
+    let transport = MmioTransport::new(name, device, mem.clone(), irqfd)
+        .map_err(|e| BuildError::Device(name.to_string(), e))?;
+    for (queue, kick) in transport.kick_fds().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                kick,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
+                queue as u32,
+            )
+            .map_err(|e| BuildError::Device(name.to_string(), std::io::Error::from(e)))?;
+    }
+    mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+    Ok(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
 }
 
 /// Command-line keys we add when the user did not set them: serial console, reboot through
@@ -131,7 +198,13 @@ pub fn build_microvm(cfg: &ValidatedConfig, flavour: Flavour) -> Result<MicroVm,
         Some(p) => Some(boot::load_initrd(&mem, mem_size, kernel.kernel_end, p)?),
         None => None,
     };
-    let cmdline = assemble_cmdline(&c.cmdline, flavour);
+    let mut mmio = Bus::new();
+    let mut device_args = Vec::new();
+    for (index, (name, device)) in virtio_devices(c)?.into_iter().enumerate() {
+        device_args.push(attach_virtio(&vm, &mem, &mut mmio, index, &name, device)?);
+    }
+    let user_cmdline = format!("{} {}", c.cmdline, device_args.join(" "));
+    let cmdline = assemble_cmdline(&user_cmdline, flavour);
     let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
     mptable::setup_mptable(&mem, c.vcpus)?;
     boot::write_boot_params(&mem, mem_size, &kernel, cmdline_len, initrd)?;
@@ -159,8 +232,6 @@ pub fn build_microvm(cfg: &ValidatedConfig, flavour: Flavour) -> Result<MicroVm,
         I8042_BASE,
         I8042_LEN,
     )?;
-    // Virtio-mmio devices land here in a later issue.
-    let mmio = Bus::new();
 
     let pvm = flavour == Flavour::Pvm;
     let mut vcpus = Vec::with_capacity(c.vcpus as usize);

@@ -54,6 +54,62 @@ pub struct VmConfig {
     pub hugepages: bool,
     #[serde(default)]
     pub boot_protocol: BootProtocol,
+    /// virtio-blk disks, in order: the first is `/dev/vda`.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-net NIC on an existing TAP device.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
+    /// A virtio-vsock device in Firecracker's hybrid (Unix socket) mode.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A raw image file.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial the guest sees (`/sys/block/vdX/serial`), at most 20 bytes.
+    #[serde(default)]
+    pub id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// A TAP device that already exists (the daemon creates it and puts it on its bridge).
+    pub tap: String,
+    /// `aa:bb:cc:dd:ee:ff`
+    pub mac: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id, 3 or more.
+    pub guest_cid: u64,
+    /// Host side: connect here and send `CONNECT <port>`; guest connections to port P
+    /// arrive at `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+/// At most this many virtio devices (one 4 KiB window and one IRQ each).
+pub const MAX_VIRTIO_DEVICES: usize = 8;
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let parts: Vec<u8> = text
+        .split(':')
+        .map(|p| {
+            (p.len() == 2)
+                .then(|| u8::from_str_radix(p, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    parts.try_into().ok()
 }
 
 /// What kind of kernel file we were given.
@@ -98,6 +154,16 @@ pub enum ConfigError {
     ControlDir(PathBuf),
     #[error("cmdline contains a NUL or non-ASCII byte")]
     Cmdline,
+    #[error("disk {0}: {1}")]
+    DiskUnreadable(PathBuf, std::io::Error),
+    #[error("disk id {0:?} is longer than 20 bytes")]
+    DiskId(String),
+    #[error("too many virtio devices: at most {MAX_VIRTIO_DEVICES}")]
+    TooManyDevices,
+    #[error("net: {0}")]
+    Net(String),
+    #[error("vsock: {0}")]
+    Vsock(String),
 }
 
 impl VmConfig {
@@ -152,6 +218,39 @@ impl VmConfig {
         if let Some(sock) = &self.control_socket {
             if !parent_exists(sock) {
                 return Err(ConfigError::ControlDir(sock.clone()));
+            }
+        }
+        for d in &self.disks {
+            File::open(&d.path).map_err(|e| ConfigError::DiskUnreadable(d.path.clone(), e))?;
+            if d.id.len() > 20 {
+                return Err(ConfigError::DiskId(d.id.clone()));
+            }
+        }
+        let devices =
+            self.disks.len() + usize::from(self.net.is_some()) + usize::from(self.vsock.is_some());
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices);
+        }
+        if let Some(n) = &self.net {
+            if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['/', ' ', '\0']) {
+                return Err(ConfigError::Net(format!("bad TAP name {:?}", n.tap)));
+            }
+            if parse_mac(&n.mac).is_none() {
+                return Err(ConfigError::Net(format!("bad MAC address {:?}", n.mac)));
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+                return Err(ConfigError::Vsock(format!(
+                    "guest_cid {} is reserved or too big: use 3 or more",
+                    v.guest_cid
+                )));
+            }
+            if !parent_exists(&v.uds_path) {
+                return Err(ConfigError::Vsock(format!(
+                    "{}: parent directory does not exist",
+                    v.uds_path.display()
+                )));
             }
         }
         Ok(ValidatedConfig {
@@ -232,7 +331,39 @@ mod tests {
             control_socket: None,
             hugepages: false,
             boot_protocol: BootProtocol::Auto,
+            disks: vec![],
+            net: None,
+            vsock: None,
         }
+    }
+
+    #[test]
+    fn rejects_bad_devices() {
+        let k = elf_file();
+        let mut c = cfg(k.path());
+        c.disks.push(DiskConfig {
+            path: "/nonexistent/disk.img".into(),
+            read_only: false,
+            id: String::new(),
+        });
+        assert!(matches!(
+            c.validate_with(None),
+            Err(ConfigError::DiskUnreadable(..))
+        ));
+        let mut c = cfg(k.path());
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: "/tmp/v.sock".into(),
+        });
+        assert!(matches!(c.validate_with(None), Err(ConfigError::Vsock(_))));
+        let mut c = cfg(k.path());
+        c.net = Some(NetConfig {
+            tap: "tap0".into(),
+            mac: "02:00:zz:00:00:01".into(),
+        });
+        assert!(matches!(c.validate_with(None), Err(ConfigError::Net(_))));
+        assert_eq!(parse_mac("02:0a:00:00:00:ff"), Some([2, 10, 0, 0, 0, 255]));
+        assert_eq!(parse_mac("02:0a:00:00:00"), None);
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! 3. on stop: [`detach`] with [`host_ifname`] of the instance (the veth also dies
 //!    with the container's netns, so this is cleanup, not a requirement).
 //!
+//! A microVM gets a persistent TAP on the same bridge instead: [`create_tap`] with
+//! [`tap_ifname`] of the instance before the VMM starts, [`detach`] after it ended; the
+//! guest's init calls [`configure_interface`] on its virtio-net interface.
+//!
 //! Netlink is spoken through the rust-netlink packet crates over a blocking socket
 //! (no async runtime). Work inside a container's netns happens on a short-lived
 //! thread that `setns`es into it, since a netlink socket binds to its creator's netns.
@@ -235,9 +239,20 @@ pub fn validate_ifname(name: &str) -> Result<(), Error> {
 
 /// The host-side veth name of `instance`: "veth" + 11 hex digits of its SHA-256 (15 bytes).
 pub fn host_ifname(instance: &str) -> String {
+    hashed_ifname("veth", instance)
+}
+
+/// The TAP name of microVM `instance`: "ltvtap" + 9 hex digits of its SHA-256 (15 bytes).
+/// The prefix is not "veth", so a VM's TAP never takes the name of a container's veth.
+pub fn tap_ifname(instance: &str) -> String {
+    hashed_ifname("ltvtap", instance)
+}
+
+/// `prefix` followed by as many hex digits of SHA-256(`instance`) as fit in an ifname.
+fn hashed_ifname(prefix: &str, instance: &str) -> String {
     let digest = Sha256::digest(instance.as_bytes());
-    let mut name = String::from("veth");
-    name.push_str(&hex::encode(digest)[..MAX_IFNAME_LEN - 4]);
+    let mut name = String::from(prefix);
+    name.push_str(&hex::encode(digest)[..MAX_IFNAME_LEN - prefix.len()]);
     name
 }
 
@@ -353,7 +368,9 @@ fn delete_if_exists(name: &str) -> Result<(), Error> {
     }
 }
 
-/// Deletes the host end of a veth pair (the container end goes with it). Idempotent.
+/// Deletes the host end of a veth pair (the container end goes with it), or a TAP made by
+/// [`create_tap`]: RTM_DELLINK removes a persistent TAP too, even while a VMM still holds
+/// it open (its fd then reads EBADFD and the VMM's device goes quiet). Idempotent.
 pub fn detach(host_ifname: &str) -> Result<(), Error> {
     validate_ifname(host_ifname)?;
     delete_if_exists(host_ifname)
@@ -448,7 +465,7 @@ fn open_netns(pid: i32) -> Result<File, Error> {
     Ok(ns)
 }
 
-/// Inside the netns: lo and eth0 up, eth0's address, default route via the gateway.
+/// Inside the netns of `pid`: [`configure_link`] for eth0 with the attachment's address.
 fn configure_inside(pid: i32, ns: File, att: &Attachment) -> Result<(), Error> {
     let att = att.clone();
     let thread = std::thread::Builder::new()
@@ -463,33 +480,14 @@ fn configure_inside(pid: i32, ns: File, att: &Attachment) -> Result<(), Error> {
                 }
             })?;
             let mut nl = open_netlink(&netns)?;
-            let lookup = |nl: &mut Netlink, name: &str| {
-                nl.link_index(name)
-                    .map_err(nl_err(format!("looking up {name}"), &netns))?
-                    .ok_or_else(|| Error::NoSuchInterface {
-                        name: name.to_string(),
-                        netns: netns.clone(),
-                    })
-            };
-            let lo = lookup(&mut nl, "lo")?;
-            nl.set_link(lo, None, true)
-                .map_err(nl_err("bringing lo up", &netns))?;
-            let eth = lookup(&mut nl, CONTAINER_IFNAME)?;
-            nl.add_address(eth, att.address, att.prefix)
-                .map_err(nl_err(
-                    format!(
-                        "adding {}/{} to {CONTAINER_IFNAME}",
-                        att.address, att.prefix
-                    ),
-                    &netns,
-                ))?;
-            nl.set_link(eth, None, true)
-                .map_err(nl_err(format!("bringing {CONTAINER_IFNAME} up"), &netns))?;
-            nl.add_default_route(eth, att.gateway).map_err(nl_err(
-                format!("adding default route via {}", att.gateway),
+            configure_link(
+                &mut nl,
                 &netns,
-            ))?;
-            Ok(())
+                CONTAINER_IFNAME,
+                att.address,
+                att.prefix,
+                Some(att.gateway),
+            )
         })
         .map_err(|source| Error::Io {
             what: "spawning the netns thread".into(),
@@ -501,6 +499,152 @@ fn configure_inside(pid: i32, ns: File, att: &Attachment) -> Result<(), Error> {
             source: io::Error::other("panic"),
         })
     })
+}
+
+/// Configures `ifname` in the caller's (the current thread's) netns: lo up, `ifname` up
+/// with `address`/`prefix`, and a default route via `gateway` if given. This is what a
+/// microVM's init runs on its virtio-net interface. Not idempotent: an address or default
+/// route that already exists is reported as a netlink EEXIST error.
+pub fn configure_interface(
+    ifname: &str,
+    address: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+) -> Result<(), Error> {
+    validate_ifname(ifname)?;
+    if !(1..=32).contains(&prefix) {
+        return Err(Error::InvalidAttachment {
+            ifname: ifname.to_string(),
+            reason: format!("prefix /{prefix} out of range"),
+        });
+    }
+    let mut nl = open_netlink(HOST_NS)?;
+    configure_link(&mut nl, HOST_NS, ifname, address, prefix, gateway)
+}
+
+/// The netlink part shared by containers and microVM guests, in the netns `nl` was opened
+/// in: lo up, `ifname`'s address, `ifname` up, default route via `gateway`.
+fn configure_link(
+    nl: &mut Netlink,
+    netns: &str,
+    ifname: &str,
+    address: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+) -> Result<(), Error> {
+    let lookup = |nl: &mut Netlink, name: &str| {
+        nl.link_index(name)
+            .map_err(nl_err(format!("looking up {name}"), netns))?
+            .ok_or_else(|| Error::NoSuchInterface {
+                name: name.to_string(),
+                netns: netns.to_string(),
+            })
+    };
+    let lo = lookup(nl, "lo")?;
+    nl.set_link(lo, None, true)
+        .map_err(nl_err("bringing lo up", netns))?;
+    let index = lookup(nl, ifname)?;
+    nl.add_address(index, address, prefix).map_err(nl_err(
+        format!("adding {address}/{prefix} to {ifname}"),
+        netns,
+    ))?;
+    nl.set_link(index, None, true)
+        .map_err(nl_err(format!("bringing {ifname} up"), netns))?;
+    if let Some(gw) = gateway {
+        nl.add_default_route(index, gw)
+            .map_err(nl_err(format!("adding default route via {gw}"), netns))?;
+    }
+    Ok(())
+}
+
+/// Creates the persistent TAP `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, as
+/// `ltv_vmm`'s virtio-net opens it) in the caller's netns, sets it up and enslaves it to
+/// `bridge`. An existing interface of that name is refused; on any later failure the TAP
+/// is deleted again. Remove it with [`detach`]. Only root (CAP_NET_ADMIN) may attach to
+/// it afterwards: no owner is set.
+pub fn create_tap(name: &str, bridge: &str) -> Result<(), Error> {
+    validate_ifname(name)?;
+    validate_ifname(bridge)?;
+    let mut nl = open_netlink(HOST_NS)?;
+    let br = nl
+        .link_index(bridge)
+        .map_err(nl_err(format!("looking up {bridge}"), HOST_NS))?
+        .ok_or_else(|| Error::NoSuchInterface {
+            name: bridge.to_string(),
+            netns: HOST_NS.into(),
+        })?;
+    let exists = || Error::InterfaceExists {
+        name: name.to_string(),
+        netns: HOST_NS.into(),
+    };
+    if nl
+        .link_index(name)
+        .map_err(nl_err(format!("looking up {name}"), HOST_NS))?
+        .is_some()
+    {
+        return Err(exists());
+    }
+    match make_persistent_tap(name) {
+        // IFF_TUN_EXCL: someone took the name since the lookup.
+        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(exists())
+        }
+        r => r?,
+    }
+    let result = (|| {
+        let index = nl
+            .link_index(name)
+            .map_err(nl_err(format!("looking up {name}"), HOST_NS))?
+            .ok_or_else(|| Error::NoSuchInterface {
+                name: name.to_string(),
+                netns: HOST_NS.into(),
+            })?;
+        nl.set_link(index, Some(br), true)
+            .map_err(nl_err(format!("attaching {name} to {bridge}"), HOST_NS))
+    })();
+    if let Err(e) = result {
+        if let Err(cleanup) = delete_if_exists(name) {
+            tracing::warn!("create_tap {name}: cleanup after failure failed: {cleanup}");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// TUNSETIFF (refusing an existing name) then TUNSETPERSIST, so the TAP outlives the fd.
+fn make_persistent_tap(name: &str) -> Result<(), Error> {
+    // errno first: building the message may allocate.
+    let io_err = |source: io::Error, what: String| Error::Io { what, source };
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|source| Error::Io {
+            what: "opening /dev/net/tun".into(),
+            source,
+        })?;
+    // SAFETY: ifreq is plain old data; all zeros is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL;
+    ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io_err(e, format!("creating TAP {name} (TUNSETIFF)")));
+    }
+    // SAFETY: TUNSETPERSIST takes its flag as the integer argument.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        // Closing the fd deletes the not yet persistent TAP.
+        let e = io::Error::last_os_error();
+        return Err(io_err(
+            e,
+            format!("making TAP {name} persistent (TUNSETPERSIST)"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -93,6 +93,20 @@ fn host_ifname_is_short_stable_and_distinct() {
 }
 
 #[test]
+fn tap_ifname_never_clashes_with_a_veth() {
+    let taps: HashSet<String> = (0..2000).map(|i| tap_ifname(&format!("c{i}"))).collect();
+    assert_eq!(taps.len(), 2000);
+    for n in &taps {
+        assert_eq!(n.len(), MAX_IFNAME_LEN);
+        assert!(n.starts_with("ltvtap"));
+        validate_ifname(n).unwrap();
+    }
+    assert_eq!(tap_ifname("vm"), tap_ifname("vm"));
+    assert_ne!(tap_ifname("vm"), host_ifname("vm"));
+    assert!(!host_ifname("vm").starts_with("ltvtap"));
+}
+
+#[test]
 fn ifname_validation() {
     for ok in ["eth0", "ltvbr0", "veth0123456789a"] {
         validate_ifname(ok).unwrap();

@@ -30,3 +30,7 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// Serial port COM1 and its IRQ.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
+/// Virtio-mmio windows, 4 KiB apart, start at the bottom of the MMIO gap; their IRQs follow
+/// the legacy ones.
+pub const VIRTIO_MMIO_BASE: u64 = MMIO_GAP_START;
+pub const VIRTIO_IRQ_BASE: u32 = 5;

@@ -242,7 +242,7 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - 0x100, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -254,7 +254,7 @@ impl BusDevice for MmioTransport {
             self.device.write_config(offset - 0x100, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);

@@ -3,7 +3,10 @@
 //! device serves them on its own worker thread, woken by ioeventfds, and interrupts the guest
 //! through an irqfd.
 
+pub mod blk;
 pub mod mmio;
+pub mod net;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
