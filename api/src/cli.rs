@@ -48,6 +48,22 @@ pub enum Command {
         /// The bridge's IPv4 subnet; the daemon hands out static addresses in it.
         #[arg(long, default_value = "10.87.0.0/24")]
         subnet: String,
+        /// Also serve the API on this vsock port, as a microVM's guest agent does.
+        #[arg(long)]
+        vsock_port: Option<u32>,
+    },
+    /// Run the guest agent: the daemon inside a microVM, also serving on vsock port 1024
+    /// (the guest's /init starts it).
+    Agent {
+        #[arg(long, env = "LTV_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Connect stdin/stdout to a vsock port, like `socat - VSOCK-CONNECT:CID:PORT`
+    /// (inside a microVM, CID 2 is the host: it arrives at `<vsock uds>_<PORT>` there).
+    #[command(hide = true)]
+    VsockPipe {
+        cid: u32,
+        port: u32,
     },
     /// Run one microVM's monitor (the daemon starts one per microVM).
     #[command(hide = true)]
@@ -242,6 +258,32 @@ fn fail(e: ClientError) -> i32 {
     1
 }
 
+async fn vsock_pipe(cid: u32, port: u32) -> std::io::Result<()> {
+    let sock = crate::daemon::agent::connect(cid, port).await?;
+    let (mut rd, mut wr) = tokio::io::split(sock);
+    let upload = async move {
+        tokio::io::copy(&mut tokio::io::stdin(), &mut wr).await?;
+        // Our EOF becomes the peer's.
+        tokio::io::AsyncWriteExt::shutdown(&mut wr).await
+    };
+    let download = async move {
+        let mut out = tokio::io::stdout();
+        tokio::io::copy(&mut rd, &mut out).await?;
+        tokio::io::AsyncWriteExt::flush(&mut out).await
+    };
+    tokio::try_join!(upload, download).map(|_| ())
+}
+
+async fn serve_daemon(config: DaemonConfig) -> i32 {
+    match crate::daemon::serve(config, shutdown_signal()).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            1
+        }
+    }
+}
+
 /// Runs a client command and returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     let client = Client::new(&cli.socket);
@@ -253,6 +295,7 @@ pub async fn run(cli: Cli) -> i32 {
             kernel,
             bridge,
             subnet,
+            vsock_port,
         } => {
             let bridge = match bridge.as_str() {
                 "none" => None,
@@ -271,17 +314,32 @@ pub async fn run(cli: Cli) -> i32 {
                 pool_size: pool,
                 kernel,
                 bridge,
+                vsock_port,
             };
-            match crate::daemon::serve(config, shutdown_signal()).await {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("Error: {e:#}");
-                    1
-                }
-            }
+            serve_daemon(config).await
+        }
+        Command::Agent { state_dir } => {
+            let config = DaemonConfig {
+                state_dir,
+                socket: cli.socket,
+                cgroup_root: "ltv".into(),
+                // Every fork costs on an emulated guest kernel: no spare helpers.
+                pool_size: 0,
+                kernel: None,
+                bridge: None,
+                vsock_port: Some(crate::daemon::agent::AGENT_VSOCK_PORT),
+            };
+            serve_daemon(config).await
         }
         // main() runs it before any runtime exists; this is for callers of run().
         Command::Vmm { config } => ltv_vmm::vmm_main(&config),
+        Command::VsockPipe { cid, port } => match vsock_pipe(cid, port).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("Error: vsock {cid}:{port}: {e}");
+                1
+            }
+        },
         Command::Run(args) => run_foreground(&client, args).await,
         Command::Launch(args) => launch(&client, args).await.map_or_else(fail, |_| 0),
         Command::Exec(args) => {
@@ -551,6 +609,18 @@ fn print_info(i: &Instance) {
         );
         println!("Processes:  {}", u.pids);
         println!("CPU time:   {:.3}s", u.cpu_time_ns as f64 / 1e9);
+        if let Some(g) = &u.guest {
+            let m = &g.machine;
+            println!("Guest:      kernel {}, up {:.0}s", g.kernel, m.uptime_secs);
+            println!(
+                "Guest mem:  {} used of {}",
+                format_size(
+                    m.memory_total_bytes
+                        .saturating_sub(m.memory_available_bytes)
+                ),
+                format_size(m.memory_total_bytes)
+            );
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The API client over the daemon's Unix socket, used by the CLI and the demo.
+//! The API client, used by the CLI, the demo, and the host daemon to reach the daemon inside
+//! a microVM (its guest agent) through the VM's hybrid vsock socket.
 
 use crate::stream::UPGRADE_PROTOCOL;
 use crate::types::{ErrorBody, ProgressEvent};
@@ -9,7 +10,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug)]
 pub struct ClientError {
@@ -26,10 +27,63 @@ impl std::fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
-fn transport(socket: &Path, e: impl std::fmt::Display) -> ClientError {
+fn transport(endpoint: &Endpoint, e: impl std::fmt::Display) -> ClientError {
     ClientError {
         status: None,
-        message: format!("cannot talk to the ltv daemon at {}: {e}", socket.display()),
+        message: format!("cannot talk to the ltv daemon at {endpoint}: {e}"),
+    }
+}
+
+/// Where a daemon listens.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// Its API socket.
+    Unix(PathBuf),
+    /// A guest agent's vsock port, reached through the VM's hybrid vsock Unix socket
+    /// (`CONNECT <port>` answered by `OK <host port>`).
+    HybridVsock { uds: PathBuf, port: u32 },
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+            Endpoint::HybridVsock { uds, port } => {
+                write!(f, "vsock port {port} via {}", uds.display())
+            }
+        }
+    }
+}
+
+impl Endpoint {
+    pub async fn connect(&self) -> std::io::Result<tokio::net::UnixStream> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        match self {
+            Endpoint::Unix(p) => tokio::net::UnixStream::connect(p).await,
+            Endpoint::HybridVsock { uds, port } => {
+                let mut s = tokio::net::UnixStream::connect(uds).await?;
+                s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+                // Byte by byte: what follows the line already belongs to the connection.
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while byte[0] != b'\n' {
+                    if s.read(&mut byte).await? == 0 || line.len() > 64 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionRefused,
+                            format!("nothing listens on guest vsock port {port}"),
+                        ));
+                    }
+                    line.push(byte[0]);
+                }
+                if !line.starts_with(b"OK ") {
+                    return Err(std::io::Error::other(format!(
+                        "vsock handshake answered {:?}",
+                        String::from_utf8_lossy(&line).trim_end()
+                    )));
+                }
+                Ok(s)
+            }
+        }
     }
 }
 
@@ -37,34 +91,40 @@ pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
+    endpoint: Endpoint,
 }
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Client {
         Client {
-            socket: socket.into(),
+            endpoint: Endpoint::Unix(socket.into()),
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    pub fn to(endpoint: Endpoint) -> Client {
+        Client { endpoint }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
+        let stream = self
+            .endpoint
+            .connect()
             .await
-            .map_err(|e| transport(&self.socket, e))?;
+            .map_err(|e| transport(&self.endpoint, e))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| transport(&self.socket, e))?;
+            .map_err(|e| transport(&self.endpoint, e))?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
         sender
             .send_request(req)
             .await
-            .map_err(|e| transport(&self.socket, e))
+            .map_err(|e| transport(&self.endpoint, e))
     }
 
     fn build(method: Method, path: &str, body: Option<Vec<u8>>) -> Request<Full<Bytes>> {
@@ -112,7 +172,7 @@ impl Client {
             .collect()
             .await
             .map(|b| b.to_bytes())
-            .map_err(|e| transport(&self.socket, e))
+            .map_err(|e| transport(&self.endpoint, e))
     }
 
     pub async fn call<T: DeserializeOwned>(
@@ -153,7 +213,7 @@ impl Client {
         }
         let up = hyper::upgrade::on(resp)
             .await
-            .map_err(|e| transport(&self.socket, e))?;
+            .map_err(|e| transport(&self.endpoint, e))?;
         Ok(TokioIo::new(up))
     }
 
@@ -178,7 +238,7 @@ impl Client {
         let mut body = resp.into_body();
         let mut pending = Vec::new();
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| transport(&self.socket, e))?;
+            let frame = frame.map_err(|e| transport(&self.endpoint, e))?;
             let Some(data) = frame.data_ref() else {
                 continue;
             };

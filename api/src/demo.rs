@@ -36,6 +36,7 @@ pub async fn run() -> i32 {
         kernel: None,
         // In the demo's own network namespace (see main.rs).
         bridge: Some(ltv_containers::network::BridgeConfig::default()),
+        vsock_port: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(daemon::serve(config.clone(), async {

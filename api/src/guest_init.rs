@@ -1,7 +1,10 @@
 //! The microVM guest's `/init`: the `ltv` binary itself, run by the guest kernel as PID 1.
 //!
-//! Every system call and every fork is slow under kvm-pvm (guest kernel code is emulated),
-//! so this does the least it can with direct libc calls, and never forks.
+//! It mounts the API filesystems, configures the NIC the host described on the kernel
+//! command line, starts the guest agent (`ltv agent`, the daemon on vsock), and then hands
+//! PID 1 to the image's init. Without one it stays PID 1 itself: reaps orphans and powers
+//! off on SIGUSR2/SIGTERM. Every system call and fork is slow under kvm-pvm (guest kernel
+//! code is emulated), so it does the least it can, with direct libc calls.
 
 use std::ffi::CString;
 
@@ -9,57 +12,55 @@ use std::ffi::CString;
 pub fn is_guest_init() -> bool {
     // SAFETY: getpid has no preconditions.
     let pid1 = unsafe { libc::getpid() } == 1;
-    // Exactly the kernel's `/init` (the initramfs entry), never a container's PID 1: the
-    // kernel may pass unknown command-line words as arguments, so those cannot tell them
-    // apart; /proc can, as nothing has mounted it yet when the kernel starts /init.
+    // Exactly the kernel's `init=/init`, never a container's PID 1: the kernel may pass
+    // unknown command-line words as arguments, so those cannot tell them apart; /proc can,
+    // as nothing has mounted it yet when the kernel starts /init.
     pid1 && std::env::args_os().next().is_some_and(|a| a == "/init")
         && !std::path::Path::new("/proc/self").exists()
 }
 
-/// What `ltv.init=` on the kernel command line asks for.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Then {
-    PowerOff,
-    Exec(String),
+/// What the host put on the kernel command line for us.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BootArgs {
+    pub hostname: Option<String>,
+    /// The image's init; empty: `/sbin/init` if there is one.
+    pub init: String,
+    /// `address/prefix` for eth0, and the gateway.
+    pub ip: Option<(std::net::Ipv4Addr, u8)>,
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
-/// `(hostname, then)` from /proc/cmdline.
-pub fn parse_cmdline(cmdline: &str) -> (Option<String>, Then) {
-    let mut hostname = None;
-    let mut then = None;
+pub fn parse_cmdline(cmdline: &str) -> BootArgs {
+    let mut args = BootArgs::default();
     for word in cmdline.split_whitespace() {
         if let Some(h) = word.strip_prefix("ltv.hostname=") {
-            hostname = Some(h.to_string());
+            args.hostname = Some(h.to_string());
         } else if let Some(v) = word.strip_prefix("ltv.init=") {
-            then = Some(if v == "poweroff" {
-                Then::PowerOff
-            } else {
-                Then::Exec(v.to_string())
-            });
+            args.init = v.to_string();
+        } else if let Some(v) = word.strip_prefix("ltv.ip=") {
+            args.ip = v
+                .split_once('/')
+                .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)));
+        } else if let Some(v) = word.strip_prefix("ltv.gw=") {
+            args.gateway = v.parse().ok();
         }
     }
-    (hostname, then.unwrap_or(Then::Exec(String::new())))
+    args
 }
 
 fn c(s: &str) -> CString {
     CString::new(s).unwrap_or_default()
 }
 
-fn mount(source: &str, target: &str, fstype: &str) {
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) {
     let (s, t, f) = (c(source), c(target), c(fstype));
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            f.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        console(&format!("ltv-init: mount {fstype} on {target}: {e}\n"));
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            console(&format!("ltv-init: mount {fstype} on {target}: {e}\n"));
+        }
     }
 }
 
@@ -68,23 +69,26 @@ fn console(msg: &str) {
     unsafe { libc::write(1, msg.as_ptr().cast(), msg.len()) };
 }
 
+const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// For every guest process on kvm-pvm hosts: glibc must not pick its AVX/AVX-512 string
+/// functions. The compat kernel runs with `noxsave` and saves only the FXSAVE area
+/// (x87, XMM0-15) on a context switch, while user space runs natively and sees the
+/// host's CPUID and XCR0 (no VMM setting or guest XSETBV changes them there): a task
+/// preempted inside an AVX-512 memcpy resumes with another task's YMM16-31 and corrupts
+/// memory.
+pub const PVM_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,\
+-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VBMI,-AVX512_VBMI2,-FMA,-FMA4,-F16C,-XSAVE,\
+-XSAVEC,-OSXSAVE";
+
 /// Runs the guest init; never returns.
 pub fn main() -> ! {
-    // devtmpfs must allow device nodes, so it gets no MS_NODEV either.
-    mount("proc", "/proc", "proc");
-    mount("sysfs", "/sys", "sysfs");
-    let (dev, t, f) = (c("devtmpfs"), c("/dev"), c("devtmpfs"));
-    // SAFETY: valid NUL-terminated strings.
-    unsafe {
-        libc::mount(
-            dev.as_ptr(),
-            t.as_ptr(),
-            f.as_ptr(),
-            libc::MS_NOSUID,
-            std::ptr::null(),
-        )
-    };
-    // The kernel opened the initramfs' /dev/console; reopen it on devtmpfs for what we exec.
+    let nosuid_noexec = libc::MS_NOSUID | libc::MS_NOEXEC;
+    mount("proc", "/proc", "proc", nosuid_noexec);
+    mount("sysfs", "/sys", "sysfs", nosuid_noexec);
+    // devtmpfs must allow device nodes, so no MS_NODEV.
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID);
+    // The kernel opened the disk's /dev/console; reopen it on devtmpfs for what we exec.
     let path = c("/dev/console");
     // SAFETY: plain open/dup2 on descriptors we own.
     unsafe {
@@ -98,41 +102,48 @@ pub fn main() -> ! {
             }
         }
     }
-    mount("cgroup2", "/sys/fs/cgroup", "cgroup2");
+    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV);
+    mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_noexec);
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let (hostname, then) = parse_cmdline(&cmdline);
-    if let Some(h) = hostname {
+    let args = parse_cmdline(&cmdline);
+    if let Some(h) = &args.hostname {
         // SAFETY: a valid buffer and its length.
         unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) };
     }
+    if let Some((ip, prefix)) = args.ip {
+        if let Err(e) =
+            ltv_containers::network::configure_interface("eth0", ip, prefix, args.gateway)
+        {
+            console(&format!("ltv-init: eth0 {ip}/{prefix}: {e}\n"));
+        }
+    }
+    start_agent();
     console("LTV-READY\n");
-    let program = match then {
-        Then::PowerOff => {
-            // SAFETY: sync and reboot take no pointers. RB_AUTOBOOT with the VMM's
-            // `reboot=k` resets through the i8042, which the VMM turns into exit 0
-            // (there is no ACPI power-off device).
-            unsafe {
-                libc::sync();
-                libc::reboot(libc::RB_AUTOBOOT);
-            }
-            halt()
-        }
-        Then::Exec(p) if !p.is_empty() => p,
-        Then::Exec(_) => {
-            if std::path::Path::new("/sbin/init").exists() {
-                "/sbin/init".into()
-            } else {
-                "/bin/sh".into()
-            }
-        }
+    let program = match args.init.as_str() {
+        "" if std::path::Path::new("/sbin/init").exists() => "/sbin/init".to_string(),
+        "" | "none" => minimal_init(),
+        p => p.to_string(),
     };
-    let prog = c(&program);
-    let argv: [*const libc::c_char; 2] = [prog.as_ptr(), std::ptr::null()];
-    let envs = [
-        c("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
-        c("HOME=/root"),
-        c("TERM=linux"),
-    ];
+    exec(&program, &[]);
+    let e = std::io::Error::last_os_error();
+    console(&format!(
+        "ltv-init: exec {program}: {e}; staying as a minimal init\n"
+    ));
+    minimal_init()
+}
+
+/// `execve` with our fixed environment; returns only on failure.
+fn exec(program: &str, extra: &[&str]) {
+    let prog = c(program);
+    let owned: Vec<CString> = extra.iter().map(|a| c(a)).collect();
+    let argv: Vec<*const libc::c_char> = std::iter::once(prog.as_ptr())
+        .chain(owned.iter().map(|a| a.as_ptr()))
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let mut envs = vec![c(PATH), c("HOME=/root"), c("TERM=linux"), c("LTV_LOG=warn")];
+    if pvm_guest() {
+        envs.push(c(PVM_GLIBC_TUNABLES));
+    }
     let envp: Vec<*const libc::c_char> = envs
         .iter()
         .map(|e| e.as_ptr())
@@ -140,16 +151,75 @@ pub fn main() -> ! {
         .collect();
     // SAFETY: NULL-terminated argv and envp of valid strings that outlive the call.
     unsafe { libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    let e = std::io::Error::last_os_error();
-    console(&format!("ltv-init: exec {program}: {e}\n"));
-    halt()
 }
 
-/// PID 1 must not exit (the kernel would panic): wait here.
-fn halt() -> ! {
-    loop {
-        // SAFETY: pause has no preconditions.
-        unsafe { libc::pause() };
+/// Booted with the kvm-pvm compat switches (see `PVM_GLIBC_TUNABLES`); also true inside
+/// containers in such a guest, which see the guest kernel's command line.
+pub fn pvm_guest() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|c| c.split_whitespace().any(|w| w == "ltv_pvm_compat"))
+}
+
+/// Forks `ltv agent` into its own session; its log goes to /var/log/ltv-agent.log, not the
+/// (slow, emulated) serial console.
+fn start_agent() {
+    let log = c("/var/log/ltv-agent.log");
+    // SAFETY: the child only calls async-signal-safe functions before execve.
+    unsafe {
+        match libc::fork() {
+            0 => {
+                libc::setsid();
+                let fd = libc::open(
+                    log.as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+                    0o644,
+                );
+                if fd >= 0 {
+                    libc::dup2(fd, 1);
+                    libc::dup2(fd, 2);
+                }
+                exec(ltv::backend::rootdisk::GUEST_LTV, &["agent"]);
+                libc::_exit(127);
+            }
+            -1 => console(&format!(
+                "ltv-init: cannot start the agent: {}\n",
+                std::io::Error::last_os_error()
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// PID 1 without an image init: reaps whatever is orphaned to it, and powers the machine
+/// off on SIGUSR2 (busybox's convention, which the agent uses), SIGTERM or SIGINT.
+fn minimal_init() -> ! {
+    // SAFETY: signal masks and sigwait on sets we initialise; reboot/sync/kill take no
+    // pointers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGCHLD, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        loop {
+            while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
+            let mut sig = 0;
+            if libc::sigwait(&set, &mut sig) != 0 || sig == libc::SIGCHLD {
+                continue;
+            }
+            console("ltv-init: powering off\n");
+            libc::kill(-1, libc::SIGTERM);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while std::time::Instant::now() < deadline
+                && libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) >= 0
+            {
+                libc::usleep(50_000);
+            }
+            libc::kill(-1, libc::SIGKILL);
+            libc::sync();
+            libc::reboot(libc::RB_POWER_OFF);
+        }
     }
 }
 
@@ -159,10 +229,13 @@ mod tests {
 
     #[test]
     fn cmdline_knobs() {
-        let (h, t) = parse_cmdline("console=ttyS0 quiet ltv.hostname=vm1 ltv.init=poweroff nopv");
-        assert_eq!((h.as_deref(), t), (Some("vm1"), Then::PowerOff));
-        let (h, t) = parse_cmdline("ltv.init=/sbin/init");
-        assert_eq!((h, t), (None, Then::Exec("/sbin/init".into())));
-        assert_eq!(parse_cmdline("quiet").1, Then::Exec(String::new()));
+        let a = parse_cmdline(
+            "console=ttyS0 quiet ltv.hostname=vm1 ltv.init=none ltv.ip=10.87.0.9/24 ltv.gw=10.87.0.1",
+        );
+        assert_eq!(a.hostname.as_deref(), Some("vm1"));
+        assert_eq!(a.init, "none");
+        assert_eq!(a.ip, Some(("10.87.0.9".parse().unwrap(), 24)));
+        assert_eq!(a.gateway, Some("10.87.0.1".parse().unwrap()));
+        assert_eq!(parse_cmdline("quiet ltv.ip=garbage"), BootArgs::default());
     }
 }

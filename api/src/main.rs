@@ -12,6 +12,12 @@ fn main() {
     {
         ltv_containers::process::init_main();
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == ltv::daemon::agent::TTY_EXEC_ARG)
+    {
+        ltv::daemon::agent::tty_exec_main();
+    }
     // PID 1 of a microVM guest: mount, mark ready, exec the image's init.
     if guest_init::is_guest_init() {
         guest_init::main();
@@ -30,9 +36,15 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let daemonish = matches!(cli.command, Command::Daemon { .. } | Command::Demo);
+    let daemonish = matches!(
+        cli.command,
+        Command::Daemon { .. } | Command::Agent { .. } | Command::Demo
+    );
     init_tracing(daemonish);
-    let runtime = if daemonish {
+    // In a kvm-pvm guest, YMM/ZMM state does not survive a context switch (see
+    // guest_init::PVM_GLIBC_TUNABLES), and our dependencies pick AVX2 paths at run time
+    // (memchr): one thread keeps two of our own tasks from clobbering each other.
+    let runtime = if daemonish && !guest_init::pvm_guest() {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -17,6 +17,18 @@ pub struct ServerInfo {
     pub kernel: String,
     /// Instance kinds this daemon can run.
     pub kinds: Vec<Kind>,
+    /// The machine the daemon runs on (inside a microVM: the guest).
+    pub machine: MachineFacts,
+    /// True for a microVM's guest agent.
+    #[serde(default)]
+    pub agent: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MachineFacts {
+    pub uptime_secs: f64,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -140,12 +152,22 @@ pub struct Instance {
     pub usage: Option<Usage>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Usage {
     pub memory_bytes: u64,
     pub memory_limit_bytes: Option<u64>,
     pub pids: u64,
     pub cpu_time_ns: u64,
+    /// A microVM's own view, from its guest agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestFacts>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuestFacts {
+    pub kernel: String,
+    #[serde(flatten)]
+    pub machine: MachineFacts,
 }
 
 /// `POST /1.0/instances`
@@ -223,6 +245,12 @@ pub struct ExecPost {
     /// Forward the client's stdin (otherwise the process reads /dev/null).
     #[serde(default)]
     pub stdin: bool,
+}
+
+/// `PUT /1.0/state` on a guest agent.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GuestStatePut {
+    pub action: String,
 }
 
 /// `GET /1.0/images` entries.

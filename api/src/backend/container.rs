@@ -551,6 +551,7 @@ impl Backend for ContainerBackend {
             memory_limit_bytes: stats.memory_limit,
             pids: stats.pids,
             cpu_time_ns: stats.cpu_usage_ns,
+            guest: None,
         })
     }
 }

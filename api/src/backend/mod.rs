@@ -2,6 +2,7 @@
 //! trait; the container and VM runtimes sit behind it.
 
 pub mod container;
+pub mod rootdisk;
 pub mod vm;
 
 use crate::daemon::error::ApiError;
@@ -66,6 +67,11 @@ pub trait Backend: Send + Sync {
         req: &ExecPost,
         stdio: Stdio,
     ) -> Result<Started, ApiError>;
+    /// The daemon inside the running instance that serves it (a microVM's guest agent):
+    /// exec, power-off and guest facts are forwarded there.
+    fn agent(&self, _instance: &Instance) -> Option<crate::client::Client> {
+        None
+    }
     /// The daemon is stopping: free what the backend holds for itself (instances stay).
     async fn shutdown(&self) {}
     /// Applies the instance's (new) limits to it while it runs.

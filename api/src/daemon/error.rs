@@ -37,6 +37,13 @@ impl ApiError {
     pub fn not_implemented(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_IMPLEMENTED, message)
     }
+    /// An error another daemon answered with (a guest agent), passed on as it came.
+    pub fn from_status(code: u16, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
+            message,
+        )
+    }
     /// The command cannot be executed; `code` is 127 (missing) or 126 (not executable).
     pub fn cannot_exec(code: i32, message: impl Into<String>) -> Self {
         ApiError {

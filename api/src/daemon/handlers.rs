@@ -2,6 +2,7 @@
 
 use super::error::ApiError;
 use super::images::ChannelProgress;
+use super::instances::ExecStarted;
 use super::instances::DEFAULT_STOP_TIMEOUT;
 use super::{pio, reaper, Daemon};
 use crate::stream::{write_frame, Frame, UPGRADE_PROTOCOL};
@@ -21,7 +22,14 @@ use utoipa::OpenApi;
 type D = State<Arc<Daemon>>;
 
 pub fn router(daemon: Arc<Daemon>) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    if daemon.config.vsock_port.is_some() {
+        // Only a guest agent serves its own machine.
+        router = router
+            .route("/1.0/exec", post(guest_exec))
+            .route("/1.0/state", put(guest_state_put));
+    }
+    router
         .route("/1.0", get(server_info))
         .route("/1.0/openapi.json", get(openapi))
         .route("/1.0/instances", get(instances_list).post(instances_post))
@@ -120,6 +128,8 @@ async fn server_info(State(d): D) -> Json<ServerInfo> {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
         kinds: d.kinds(),
+        machine: super::agent::machine_facts(),
+        agent: d.config.vsock_port.is_some(),
     })
 }
 
@@ -271,29 +281,110 @@ async fn instance_exec(
     ApiJson(req): ApiJson<ExecPost>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.require()?;
+    if req.command.is_empty() {
+        return Err(ApiError::bad_request("exec needs a command"));
+    }
     let (stdio, ends) =
         pio::attached(req.stdin, req.tty).map_err(|e| ApiError::internal(format!("stdio: {e}")))?;
     match d.exec_instance(&name, &req, stdio).await {
-        Ok(pid) => {
+        Ok(ExecStarted::Local(pid)) => stream_local(upgrade, ends, pid),
+        Ok(ExecStarted::Remote(agent)) => {
             tokio::spawn(async move {
-                let exited = async move { reaper::wait(pid).await.code().unwrap_or(255) };
-                match upgrade.await {
-                    Ok(up) => pio::pump(TokioIo::new(up), ends, exited, kill_fn(pid), None).await,
-                    // The client is gone: still reap the process.
-                    Err(_) => {
-                        exited.await;
-                    }
+                if let Ok(up) = upgrade.await {
+                    relay(TokioIo::new(up), agent).await;
                 }
             });
         }
-        Err(ApiError {
+        Err(e) => return exec_failed(upgrade, e),
+    }
+    Ok(switching_protocols())
+}
+
+/// Streams a local child's stdio to the client until it exits, and reaps it.
+fn stream_local(upgrade: OnUpgrade, ends: pio::AttachedEnds, pid: i32) {
+    tokio::spawn(async move {
+        let exited = async move { reaper::wait(pid).await.code().unwrap_or(255) };
+        match upgrade.await {
+            Ok(up) => pio::pump(TokioIo::new(up), ends, exited, kill_fn(pid), None).await,
+            // The client is gone: still reap the process.
+            Err(_) => {
+                exited.await;
+            }
+        }
+    });
+}
+
+/// A command that could not be started: after the upgrade when it is a 127/126 case.
+fn exec_failed(upgrade: OnUpgrade, e: ApiError) -> Result<Response, ApiError> {
+    match e {
+        ApiError {
             exec_exit: Some(code),
             message,
             ..
-        }) => stream_exec_failure(upgrade, message, code),
-        Err(e) => return Err(e),
+        } => {
+            stream_exec_failure(upgrade, message, code);
+            Ok(switching_protocols())
+        }
+        e => Err(e),
+    }
+}
+
+/// Relays an `ltv-stdio` stream between the client and a guest agent. Frames from the agent
+/// are passed on one by one, so a stream that breaks before its exit frame (the VMM died)
+/// still ends with an error and an exit code for the client.
+async fn relay(client: TokioIo<hyper::upgrade::Upgraded>, agent: crate::client::Upgraded) {
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut agent_rd, mut agent_wr) = tokio::io::split(agent);
+    let upstream = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut client_rd, &mut agent_wr).await;
+    });
+    let mut exited = false;
+    while let Ok(Some(frame)) = crate::stream::read_frame(&mut agent_rd).await {
+        exited = matches!(frame, Frame::Exit(_));
+        if write_frame(&mut client_wr, &frame).await.is_err() || exited {
+            break;
+        }
+    }
+    if !exited {
+        let msg = "ltv: the connection to the microVM's agent broke (did the VM stop?)\n";
+        let _ = write_frame(&mut client_wr, &Frame::Stderr(msg.into())).await;
+        let _ = write_frame(&mut client_wr, &Frame::Exit(255)).await;
+    }
+    upstream.abort();
+}
+
+/// Runs a command on the machine this agent serves; upgraded to `ltv-stdio` like
+/// instance exec.
+async fn guest_exec(
+    upgrade: StdioUpgrade,
+    ApiJson(req): ApiJson<ExecPost>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.require()?;
+    if req.command.is_empty() {
+        return Err(ApiError::bad_request("exec needs a command"));
+    }
+    let (stdio, ends) =
+        pio::attached(req.stdin, req.tty).map_err(|e| ApiError::internal(format!("stdio: {e}")))?;
+    match super::agent::spawn_on_guest(&req, stdio) {
+        Ok(pid) => stream_local(upgrade, ends, pid),
+        Err(e) => return exec_failed(upgrade, e),
     }
     Ok(switching_protocols())
+}
+
+/// `{"action": "poweroff"}`: the guest shuts down through its own init.
+async fn guest_state_put(
+    ApiJson(req): ApiJson<GuestStatePut>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match req.action.as_str() {
+        "poweroff" => super::agent::power_off()?,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "unknown action {other:?}: the guest agent knows \"poweroff\""
+            )))
+        }
+    }
+    Ok(Json(serde_json::json!({"action": req.action})))
 }
 
 #[utoipa::path(get, path = "/1.0/images", responses((status = 200, body = [Image])))]

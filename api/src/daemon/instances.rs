@@ -12,6 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// Where an exec runs: a child of this daemon, or behind another daemon (a guest agent),
+/// whose `ltv-stdio` stream is relayed.
+pub enum ExecStarted {
+    Local(i32),
+    Remote(crate::client::Upgraded),
+}
+
 pub const DEFAULT_STOP_TIMEOUT: u64 = 10;
 
 impl Daemon {
@@ -323,7 +330,7 @@ impl Daemon {
         name: &str,
         req: &ExecPost,
         stdio: Stdio,
-    ) -> Result<i32, ApiError> {
+    ) -> Result<ExecStarted, ApiError> {
         if req.command.is_empty() {
             return Err(ApiError::bad_request("exec needs a command"));
         }
@@ -337,8 +344,22 @@ impl Daemon {
             }
         };
         let backend = self.backend(instance.kind)?;
+        if let Some(agent) = backend.agent(&instance) {
+            let io = agent
+                .upgrade("/1.0/exec", req)
+                .await
+                .map_err(|e| match e.status {
+                    Some(code) => ApiError::from_status(code, e.message),
+                    None => {
+                        ApiError::conflict(format!("the agent of {name:?} is unreachable: {e}"))
+                    }
+                })?;
+            return Ok(ExecStarted::Remote(io));
+        }
         let image = self.instance_image(&instance)?;
-        Ok(backend.exec(&instance, &image, pid, req, stdio).await?.pid)
+        Ok(ExecStarted::Local(
+            backend.exec(&instance, &image, pid, req, stdio).await?.pid,
+        ))
     }
 
     /// Changes limits; a running instance gets them at once, and a refused change

@@ -1,5 +1,6 @@
 //! The daemon: state, backends and the HTTP server on a Unix socket.
 
+pub mod agent;
 pub mod error;
 pub mod handlers;
 pub mod images;
@@ -36,6 +37,8 @@ pub struct DaemonConfig {
     pub kernel: Option<PathBuf>,
     /// The bridge that instances get a veth on; `None`: loopback only.
     pub bridge: Option<BridgeConfig>,
+    /// Also serve the API on this vsock port: the daemon is a microVM's guest agent.
+    pub vsock_port: Option<u32>,
 }
 
 pub struct Daemon {
@@ -90,6 +93,7 @@ impl Daemon {
                 instances_dir,
                 images.root().to_path_buf(),
                 config.kernel.clone(),
+                bridge.as_ref().ok().cloned(),
             )),
         );
         Ok(Arc::new(Daemon {
@@ -179,8 +183,30 @@ pub async fn serve(
     instances::readopt(&daemon).await;
     tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "ltv daemon listening");
     let app = handlers::router(daemon.clone());
+    // One shutdown signal for every listener.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(port) = config.vsock_port {
+        let vsock = agent::bind(port).with_context(|| format!("bind vsock port {port}"))?;
+        tracing::info!(port, "guest agent listening on vsock");
+        let (app, rx) = (app.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(vsock, app)
+                .with_graceful_shutdown(stopped(rx))
+                .await
+            {
+                tracing::error!("vsock API: {e}");
+            }
+        });
+    }
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopped(stop_rx))
         .await;
     let _ = std::fs::remove_file(&config.socket);
     for backend in daemon.backends.values() {

@@ -1,0 +1,310 @@
+//! A microVM's root disk: an ext4 image made from the instance's image with `mkfs.ext4 -d`
+//! (no loop mounts), plus the `ltv` binary as the guest's `/init` and agent, written into
+//! the image with `debugfs` so the image store is never touched.
+
+use std::collections::BTreeSet;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Where the guest finds us; `/init` points here.
+pub const GUEST_LTV: &str = "/.ltv/ltv";
+
+/// Free space the guest gets on top of what the image uses.
+const HEADROOM: u64 = 512 << 20;
+
+/// Builds `out` (sparse) from `rootfs`; on failure nothing is left at `out`.
+pub fn build(rootfs: &Path, out: &Path, hostname: &str) -> io::Result<()> {
+    let tmp = out.with_extension("img.tmp");
+    let result = build_at(rootfs, &tmp, hostname).and_then(|()| std::fs::rename(&tmp, out));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn build_at(rootfs: &Path, img: &Path, hostname: &str) -> io::Result<()> {
+    let used = du_bytes(rootfs)?;
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let libs = shared_libraries()?;
+    let extra: u64 = std::iter::once(exe.clone())
+        .chain(libs.iter().map(PathBuf::from))
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    // ext4 metadata and the journal need room too: 20 % over the data.
+    let size = ((used + extra) * 6 / 5 + HEADROOM).next_multiple_of(1 << 20);
+    std::fs::File::create(img)?.set_len(size)?;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "ltv-root", "-E", "root_owner=0:0", "-d"])
+        .arg(rootfs)
+        .arg(img))?;
+
+    // Our own binary, stripped: debug info is tens of MB the guest would page in for nothing.
+    let stripped = img.with_extension("ltv");
+    let ok = Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&exe)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        std::fs::copy(&exe, &stripped)?;
+    }
+    let hostname_file = img.with_extension("hostname");
+    std::fs::write(&hostname_file, format!("{hostname}\n"))?;
+
+    let mut script = Script::default();
+    script.put(rootfs, GUEST_LTV, &stripped);
+    script.cmd(format!("symlink /init {GUEST_LTV}"));
+    for lib in &libs {
+        // The loader and libraries at the paths the binary asks for, through the image's
+        // own symlinks (/lib64 -> usr/lib64 on merged-/usr systems).
+        script.put(rootfs, lib, &std::fs::canonicalize(lib)?);
+    }
+    script.put(rootfs, "/etc/hostname", &hostname_file);
+    for d in [
+        "/proc", "/sys", "/dev", "/run", "/tmp", "/var/lib", "/var/log",
+    ] {
+        script.mkdirs(rootfs, d);
+    }
+    let result = debugfs(img, &script.0);
+    let _ = std::fs::remove_file(&stripped);
+    let _ = std::fs::remove_file(&hostname_file);
+    result
+}
+
+/// A debugfs command file; each `put` creates the missing parents first.
+#[derive(Default)]
+struct Script(String, BTreeSet<String>);
+
+impl Script {
+    fn cmd(&mut self, line: String) {
+        self.0.push_str(&line);
+        self.0.push('\n');
+    }
+
+    fn mkdirs(&mut self, rootfs: &Path, guest_dir: &str) {
+        let dir = resolve(rootfs, guest_dir);
+        let mut prefix = String::new();
+        for part in dir.split('/').filter(|p| !p.is_empty()) {
+            prefix.push('/');
+            prefix.push_str(part);
+            if rootfs.join(&prefix[1..]).is_dir() || !self.1.insert(prefix.clone()) {
+                continue;
+            }
+            self.cmd(format!("mkdir {prefix}"));
+        }
+    }
+
+    fn put(&mut self, rootfs: &Path, guest_path: &str, from: &Path) {
+        let at = resolve(rootfs, guest_path);
+        if let Some((parent, _)) = at.rsplit_once('/') {
+            self.mkdirs(rootfs, parent);
+        }
+        // `write` refuses to replace: remove whatever the image had there.
+        self.cmd(format!("rm {at}"));
+        self.cmd(format!("write {} {at}", from.display()));
+        self.cmd(format!("sif {at} mode 0100755"));
+    }
+}
+
+/// `path` inside `rootfs` with the image's symlinks followed the way the guest will follow
+/// them: absolute targets stay inside the rootfs.
+pub fn resolve(rootfs: &Path, path: &str) -> String {
+    let mut todo: std::collections::VecDeque<String> = path
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect();
+    let file = todo.pop_back().unwrap_or_default();
+    let mut out: Vec<String> = vec![];
+    let mut hops = 0;
+    while let Some(p) = todo.pop_front() {
+        match p.as_str() {
+            "." => continue,
+            ".." => {
+                out.pop();
+                continue;
+            }
+            _ => out.push(p),
+        }
+        if let Ok(target) = std::fs::read_link(rootfs.join(out.join("/"))) {
+            hops += 1;
+            if hops > 40 {
+                break;
+            }
+            out.pop();
+            let target = target.to_string_lossy().into_owned();
+            if target.starts_with('/') {
+                out.clear();
+            }
+            for q in target.split('/').filter(|q| !q.is_empty()).rev() {
+                todo.push_front(q.to_string());
+            }
+        }
+    }
+    out.push(file);
+    format!("/{}", out.join("/"))
+}
+
+fn debugfs(img: &Path, script: &str) -> io::Result<()> {
+    let mut child = Command::new("debugfs")
+        .args(["-w", "-f", "-"])
+        .arg(img)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("debugfs (e2fsprogs): {e}")))?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| io::Error::other("debugfs stdin"))?
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    // debugfs exits 0 even when a command fails; its complaints are on stderr. An `rm` of
+    // a path that did not exist is expected.
+    let errors: Vec<&str> = std::str::from_utf8(&out.stderr)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with("debugfs ") && !l.contains("File not found by ext2_lookup"))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    if !out.status.success() || !errors.is_empty() {
+        return Err(io::Error::other(format!(
+            "debugfs on {}: {}",
+            img.display(),
+            errors.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> io::Result<()> {
+    let out = cmd
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("{:?}: {e}", cmd.get_program())))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn du_bytes(dir: &Path) -> io::Result<u64> {
+    let out = Command::new("du").args(["-sb"]).arg(dir).output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("du {}: no size", dir.display())))
+}
+
+/// Every shared object mapped into this process, and its program interpreter.
+fn shared_libraries() -> io::Result<Vec<String>> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut libs: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| {
+            p.starts_with('/')
+                && Path::new(p)
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains(".so"))
+        })
+        .map(String::from)
+        .collect();
+    if let Some(interp) = interpreter(&std::fs::read("/proc/self/exe")?) {
+        libs.push(interp);
+    }
+    libs.sort();
+    libs.dedup();
+    Ok(libs)
+}
+
+/// PT_INTERP of a 64-bit little-endian ELF, e.g. `/lib64/ld-linux-x86-64.so.2`.
+fn interpreter(elf: &[u8]) -> Option<String> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    if elf.get(..5)? != b"\x7fELF\x02" {
+        return None;
+    }
+    let phoff = u64_at(0x20)? as usize;
+    let (phentsize, phnum) = (u16_at(0x36)? as usize, u16_at(0x38)? as usize);
+    (0..phnum).find_map(|i| {
+        let ph = phoff + i * phentsize;
+        if u32::from_le_bytes(elf.get(ph..ph + 4)?.try_into().ok()?) != libc::PT_INTERP {
+            return None;
+        }
+        let (off, size) = (u64_at(ph + 8)? as usize, u64_at(ph + 32)? as usize);
+        let raw = elf.get(off..off + size)?;
+        Some(String::from_utf8_lossy(raw.split(|b| *b == 0).next()?).into_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn resolves_inside_the_rootfs() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("usr/lib64")).unwrap();
+        symlink("usr/lib64", root.path().join("lib64")).unwrap();
+        // An absolute target must stay inside the rootfs, never reach the host's /usr.
+        symlink("/usr/sbin", root.path().join("sbin")).unwrap();
+        assert_eq!(resolve(root.path(), "/lib64/ld.so"), "/usr/lib64/ld.so");
+        assert_eq!(resolve(root.path(), "/sbin/ltv"), "/usr/sbin/ltv");
+        assert_eq!(resolve(root.path(), "/bin/sh"), "/bin/sh");
+    }
+
+    #[test]
+    fn our_interpreter_is_found() {
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        let interp = interpreter(&exe);
+        // Static builds have none; dynamic ones name the loader.
+        assert!(interp.is_none_or(|i| i.starts_with('/') && i.contains("ld")));
+    }
+
+    #[test]
+    fn builds_an_ext4_disk_with_us_as_init() {
+        if !Path::new("/usr/sbin/debugfs").exists() && !Path::new("/sbin/debugfs").exists() {
+            eprintln!("skipped: e2fsprogs (mkfs.ext4, debugfs) is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("rootfs");
+        std::fs::create_dir_all(root.join("usr/lib64")).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/hostname"), "old\n").unwrap();
+        symlink("usr/lib64", root.join("lib64")).unwrap();
+        let img = dir.path().join("disk.img");
+        build(&root, &img, "vm-test").unwrap();
+        let cat = |p: &str| {
+            let o = Command::new("debugfs")
+                .args(["-R", &format!("cat {p}")])
+                .arg(&img)
+                .output()
+                .unwrap();
+            o.stdout
+        };
+        assert_eq!(cat("/etc/hostname"), b"vm-test\n");
+        let ltv = cat(GUEST_LTV);
+        assert!(ltv.starts_with(b"\x7fELF"), "ltv missing from the disk");
+        let o = Command::new("debugfs")
+            .args(["-R", "stat /init"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&o.stdout).contains(GUEST_LTV));
+        assert!(!dir.path().join("disk.img.tmp").exists());
+    }
+}

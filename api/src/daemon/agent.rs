@@ -1,0 +1,268 @@
+//! The guest agent: inside a microVM, the same daemon also listens on a vsock port and
+//! serves, besides the normal API, what only makes sense for the machine it runs on: exec
+//! on the guest itself, power-off, and guest facts (kernel, memory, uptime) in `GET /1.0`.
+
+use super::error::ApiError;
+use crate::types::ExecPost;
+use ltv_containers::process::Stdio;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+
+/// The vsock port the agent listens on, and the host daemon connects to.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// `axum::serve` over vsock. Written here, not with tokio-vsock: a connected vsock socket
+/// is an ordinary stream socket, so tokio's Unix stream type drives it (read, write,
+/// shutdown) and only socket/bind/accept need the vsock address type.
+pub struct VsockListener(tokio::io::unix::AsyncFd<OwnedFd>, u32);
+
+impl axum::serve::Listener for VsockListener {
+    type Io = tokio::net::UnixStream;
+    type Addr = u32;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.accept_one().await {
+                Ok(c) => return (c, self.1),
+                Err(e) => {
+                    tracing::warn!("vsock accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.1)
+    }
+}
+
+impl VsockListener {
+    async fn accept_one(&self) -> std::io::Result<tokio::net::UnixStream> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            // SAFETY: accept4 on our listening socket; no address is asked for.
+            let fd = unsafe {
+                libc::accept4(
+                    self.0.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: accept4 just returned this descriptor to us.
+                let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+                return tokio::net::UnixStream::from_std(std);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(e);
+            }
+            ready.clear_ready();
+        }
+    }
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; zero is a valid start.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+fn vsock_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_VSOCK,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socket(2) just returned it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn bind(port: u32) -> std::io::Result<VsockListener> {
+    let fd = vsock_socket()?;
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: bind/listen on our socket with a valid sockaddr_vm.
+    unsafe {
+        if libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            len,
+        ) != 0
+            || libc::listen(fd.as_raw_fd(), 128) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }?;
+    Ok(VsockListener(fd, port))
+}
+
+/// A connected vsock stream (inside a guest, CID 2 is the host).
+pub async fn connect(cid: u32, port: u32) -> std::io::Result<tokio::net::UnixStream> {
+    let fd = vsock_socket()?;
+    let addr = vsock_addr(cid, port);
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: connect on our socket with a valid sockaddr_vm.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    let std = std::os::unix::net::UnixStream::from(fd);
+    let stream = tokio::net::UnixStream::from_std(std)?;
+    stream.writable().await?;
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(stream),
+    }
+}
+
+/// Starts `req.command` on this machine, in its own session (with the tty as its
+/// controlling terminal); returns its pid. The daemon waits for it like for any child.
+pub fn spawn_on_guest(req: &ExecPost, stdio: Stdio) -> Result<i32, ApiError> {
+    let program = &req.command[0];
+    // Never fork the agent: on kvm-pvm hosts a forked child's writes can show up in the
+    // parent's memory (stale shadow page tables after copy-on-write), and the agent then
+    // crashes. std starts a process with posix_spawn (vfork-like) when no closure has to
+    // run before exec; a tty session is set up by our own trampoline after the spawn.
+    let mut cmd = if req.tty {
+        let mut c = std::process::Command::new("/proc/self/exe");
+        c.arg(TTY_EXEC_ARG).arg("--").arg(program);
+        c
+    } else {
+        let mut c = std::process::Command::new(program);
+        c.process_group(0);
+        c
+    };
+    cmd.args(&req.command[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .env("TERM", if req.tty { "xterm" } else { "dumb" })
+        .current_dir(req.cwd.as_deref().unwrap_or("/"))
+        .stdin(std::process::Stdio::from(stdio.stdin))
+        .stdout(std::process::Stdio::from(stdio.stdout))
+        .stderr(std::process::Stdio::from(stdio.stderr));
+    // The guest init's workaround for kvm-pvm guests holds for every process it runs.
+    if let Some(t) = std::env::var_os("GLIBC_TUNABLES") {
+        cmd.env("GLIBC_TUNABLES", t);
+    }
+    for kv in &req.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            cmd.env(k, v);
+        }
+    }
+
+    match cmd.spawn() {
+        // Waited for through its pidfd by the caller, not through `Child`.
+        Ok(child) => Ok(child.id() as i32),
+        Err(e) => {
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => 127,
+                std::io::ErrorKind::PermissionDenied => 126,
+                _ => return Err(ApiError::internal(format!("exec {program:?}: {e}"))),
+            };
+            let mut err = ApiError::bad_request(format!("exec {program:?}: {e}"));
+            err.exec_exit = Some(code);
+            Err(err)
+        }
+    }
+}
+
+/// `ltv __ltv-tty-exec -- PROGRAM ARGS...`: a new session with stdin as its controlling
+/// terminal, then exec. Never returns; 127/126 as a shell would when PROGRAM cannot run.
+pub const TTY_EXEC_ARG: &str = "__ltv-tty-exec";
+
+pub fn tty_exec_main() -> ! {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(3).collect();
+    // SAFETY: setsid and ioctl on our own stdin; no memory is passed.
+    unsafe {
+        libc::setsid();
+        libc::ioctl(0, libc::TIOCSCTTY, 0);
+    }
+    let Some(program) = args.first() else {
+        std::process::exit(127)
+    };
+    let e = std::process::Command::new(program).args(&args[1..]).exec();
+    eprintln!("ltv: exec {}: {e}", program.to_string_lossy());
+    std::process::exit(if e.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
+}
+
+/// Asks PID 1 to power the machine off the way it understands: busybox init and our own
+/// guest init take SIGUSR2, systemd SIGRTMIN+4; any other init gets `poweroff` run.
+pub fn power_off() -> Result<(), ApiError> {
+    let init = std::fs::read_link("/proc/1/exe")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sig = if init.contains("systemd") {
+        libc::SIGRTMIN() + 4
+    } else if init.contains("busybox") || init.contains("ltv") {
+        libc::SIGUSR2
+    } else {
+        return std::process::Command::new("poweroff")
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .spawn()
+            .map(|_| ())
+            .map_err(|e| ApiError::internal(format!("run poweroff: {e}")));
+    };
+    // SAFETY: kill has no memory preconditions.
+    if unsafe { libc::kill(1, sig) } != 0 {
+        return Err(ApiError::internal(format!(
+            "signal {sig} to init: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Guest facts for `GET /1.0`: uptime and memory from /proc.
+pub fn machine_facts() -> crate::types::MachineFacts {
+    let uptime_secs = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or_default()
+            * 1024
+    };
+    crate::types::MachineFacts {
+        uptime_secs,
+        memory_total_bytes: kib("MemTotal:"),
+        memory_available_bytes: kib("MemAvailable:"),
+    }
+}
