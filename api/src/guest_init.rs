@@ -141,7 +141,7 @@ fn exec(program: &str, extra: &[&str]) {
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     let mut envs = vec![c(PATH), c("HOME=/root"), c("TERM=linux"), c("LTV_LOG=warn")];
-    if pvm_guest() {
+    if ltv::daemon::agent::pvm_guest() {
         envs.push(c(PVM_GLIBC_TUNABLES));
     }
     let envp: Vec<*const libc::c_char> = envs
@@ -151,13 +151,6 @@ fn exec(program: &str, extra: &[&str]) {
         .collect();
     // SAFETY: NULL-terminated argv and envp of valid strings that outlive the call.
     unsafe { libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-}
-
-/// Booted with the kvm-pvm compat switches (see `PVM_GLIBC_TUNABLES`); also true inside
-/// containers in such a guest, which see the guest kernel's command line.
-pub fn pvm_guest() -> bool {
-    std::fs::read_to_string("/proc/cmdline")
-        .is_ok_and(|c| c.split_whitespace().any(|w| w == "ltv_pvm_compat"))
 }
 
 /// Forks `ltv agent` into its own session; its log goes to /var/log/ltv-agent.log, not the

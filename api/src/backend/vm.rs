@@ -153,6 +153,11 @@ impl VmBackend {
         if let Some(init) = init.filter(|i| !i.is_empty() && !i.contains(char::is_whitespace)) {
             cmdline.push_str(&format!(" ltv.init={init}"));
         }
+        // Extra guest kernel arguments for every VM of this daemon (e.g. to debug a guest).
+        if let Ok(extra) = std::env::var("LTV_VM_KERNEL_ARGS") {
+            cmdline.push(' ');
+            cmdline.push_str(&extra);
+        }
         Ok(VmConfig {
             kernel,
             initrd: None,

@@ -245,6 +245,13 @@ pub fn power_off() -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Booted with the kvm-pvm compat switches; also true inside containers in such a guest,
+/// which see the guest kernel's command line.
+pub fn pvm_guest() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|c| c.split_whitespace().any(|w| w == "ltv_pvm_compat"))
+}
+
 /// Guest facts for `GET /1.0`: uptime and memory from /proc.
 pub fn machine_facts() -> crate::types::MachineFacts {
     let uptime_secs = std::fs::read_to_string("/proc/uptime")
