@@ -16,8 +16,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Printed on the guest console by the guest init once it is up.
-pub const READY_MARKER: &str = "LTV-READY";
 const DEFAULT_MEMORY: u64 = 256 << 20;
 // Boots to a running agent take minutes on kvm-pvm hosts (guest kernel code is emulated),
 // well under a second on hardware KVM.
@@ -191,7 +189,7 @@ impl VmBackend {
         let console = config.console_log.clone();
         let vmm_log = dir.join("vmm.log");
         let config_path = dir.join("vmm.json");
-        // A marker left by the previous boot must not count.
+        // The console log shows this boot only.
         let _ = std::fs::remove_file(&console);
         if let Some(sock) = &config.control_socket {
             let _ = std::fs::remove_file(sock);

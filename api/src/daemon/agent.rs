@@ -140,8 +140,9 @@ pub async fn connect(cid: u32, port: u32) -> std::io::Result<tokio::net::UnixStr
     }
 }
 
-/// Starts `req.command` on this machine, in its own session (with the tty as its
-/// controlling terminal); returns its pid. The daemon waits for it like for any child.
+/// Starts `req.command` on this machine in a process group of its own (with a tty: a
+/// session whose controlling terminal it is); returns its pid. The daemon waits for it
+/// like for any child.
 pub fn spawn_on_guest(req: &ExecPost, stdio: Stdio) -> Result<i32, ApiError> {
     let program = &req.command[0];
     // Never fork the agent: on kvm-pvm hosts a forked child's writes can show up in the
@@ -188,9 +189,7 @@ pub fn spawn_on_guest(req: &ExecPost, stdio: Stdio) -> Result<i32, ApiError> {
                 std::io::ErrorKind::PermissionDenied => 126,
                 _ => return Err(ApiError::internal(format!("exec {program:?}: {e}"))),
             };
-            let mut err = ApiError::bad_request(format!("exec {program:?}: {e}"));
-            err.exec_exit = Some(code);
-            Err(err)
+            Err(ApiError::cannot_exec(code, format!("exec {program:?}: {e}")))
         }
     }
 }
