@@ -5,6 +5,9 @@
 #                                           a fresh guest-kernel/initramfs.sh cpio)
 #   RUNS=1 MEM=128 SKIP_QEMU=1 SKIP_LTV=1 TIMEOUT=240 CONSOLE=1 (print console lines with
 #   wall times) BASE='...' (kernel command line, default below)
+#   DISK_MIB=256: virtio-blk instead: both VMMs get the same raw disk of DISK_MIB random MiB
+#   (read-only) and the guest reads it sequentially with O_DIRECT (busybox dd, 1 MiB
+#   blocks); reported as MiB/s over the guest's /proc/uptime around the dd.
 #
 # Per run it reports: wall time from exec to the first `LTV-READY` console line, wall time to
 # process exit (guest `poweroff -f`), the VMM's PSS at LTV-READY minus the PSS of the guest-RAM
@@ -22,9 +25,25 @@ mkdir -p "$CARGO_TARGET_DIR"
 WORK="$(mktemp -d "$CARGO_TARGET_DIR/ltv-bench.XXXXXX")"  # not /tmp: shared hosts clean it
 trap 'rm -rf "$WORK"' EXIT
 INITRD="${2:-}"
+EXTRA=()
+DISK=""
+if [[ -n ${DISK_MIB:-} ]]; then
+    DISK="$WORK/disk.img"
+    head -c "$((DISK_MIB << 20))" /dev/urandom >"$DISK"
+    cat >"$WORK/blkbench.sh" <<EOS
+#!/bin/sh
+s=\$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/vda of=/dev/null bs=1M count=$DISK_MIB iflag=direct 2>/dev/null
+e=\$(cut -d' ' -f1 /proc/uptime)
+echo "LTV-BLK $DISK_MIB \$s \$e"
+reboot -f
+EOS
+    EXTRA=("$WORK/blkbench.sh:/blkbench.sh")
+    BASE="${BASE:-console=ttyS0 reboot=k quiet ltv.init=/blkbench.sh}"
+fi
 if [[ -z $INITRD ]]; then
     INITRD="$WORK/initramfs.cpio"
-    bash "$ROOT/guest-kernel/initramfs.sh" "$INITRD" >/dev/null
+    bash "$ROOT/guest-kernel/initramfs.sh" "$INITRD" "${EXTRA[@]}" >/dev/null
 fi
 cargo build -q -j1 --release -p ltv-vmm --bin ltv-vmm
 VMM="$CARGO_TARGET_DIR/release/ltv-vmm"
@@ -41,7 +60,7 @@ grep -qs kvm_pvm /proc/modules || [[ -d /sys/module/kvm_pvm ]] && QEMU_APPEND="$
 echo "vmlinux: $VMLINUX"
 echo "initrd:  $INITRD ($(stat -c %s "$INITRD") bytes), memory ${MEM} MiB, 1 vCPU"
 
-WORK="$WORK" VMM="$VMM" VMLINUX="$VMLINUX" INITRD="$INITRD" MEM="$MEM" BASE="$BASE" \
+WORK="$WORK" VMM="$VMM" VMLINUX="$VMLINUX" INITRD="$INITRD" MEM="$MEM" BASE="$BASE" DISK="$DISK" \
 QEMU_APPEND="$QEMU_APPEND" RUNS="$RUNS" TIMEOUT="$TIMEOUT" SKIP_QEMU="${SKIP_QEMU:-}" SKIP_LTV="${SKIP_LTV:-}" CONSOLE="${CONSOLE:-}" \
 python3 - <<'PY'
 import json, os, re, selectors, subprocess, time
@@ -77,7 +96,7 @@ def run(name, cmd, env=None):
     sel = selectors.DefaultSelector()
     sel.register(p.stdout, selectors.EVENT_READ, 'out')
     sel.register(p.stderr, selectors.EVENT_READ, 'err')
-    ready = mem_at_ready = None
+    ready = mem_at_ready = blk = None
     buf = {'out': b'', 'err': b''}
     err_lines = []
     open_streams = 2
@@ -92,11 +111,16 @@ def run(name, cmd, env=None):
             for l in lines:
                 if key.data == 'err':
                     err_lines.append(l.decode(errors='replace'))
+                elif l.startswith(b'LTV-BLK '):
+                    mib, s, e = (float(x) for x in l.split()[1:4])
+                    blk = {'read_mib': mib, 'guest_s': round(e - s, 2),
+                           'mib_per_s': round(mib / max(e - s, 0.01), 2)}
                 elif ready is None and b'LTV-READY' in l:
                     ready = time.monotonic() - t0
                     mem_at_ready = smaps_overhead(p.pid)
                     # QEMU without ACPI cannot power off: the guest halts and QEMU stays up.
-                    limit = min(limit, ready + 20)
+                    if not E.get('DISK'):
+                        limit = min(limit, ready + 20)
                 if E.get('CONSOLE'):
                     print(f'  {name} {time.monotonic() - t0:7.2f} {l.decode(errors="replace")}', flush=True)
     try:
@@ -112,6 +136,8 @@ def run(name, cmd, env=None):
     ru = None
     cpu = next((l for l in err_lines if 'timing:' in l), None)
     res = {'vmm': name, 'ready_s': ready and round(ready, 2), 'exit_s': round(exit_t, 2), 'rc': rc}
+    if blk:
+        res['blk'] = blk
     if mem_at_ready:
         total, guest = mem_at_ready
         res.update(pss_kb=total, guest_ram_pss_kb=guest, vmm_overhead_kb=total - guest)
@@ -127,6 +153,9 @@ for i in range(int(E['RUNS'])):
     cfg = {'kernel': E['VMLINUX'], 'initrd': E['INITRD'], 'cmdline': E['BASE'],
            'memory_mib': mem, 'vcpus': 1, 'console_log': f'{w}/ltv-console.log',
            'console_stdout': True}
+    disk = E.get('DISK')
+    if disk:
+        cfg['disks'] = [{'path': disk, 'read_only': True}]
     json.dump(cfg, open(f'{w}/vm.json', 'w'))
     env = dict(os.environ, LTV_VMM_TIMING='1')
     if not E.get('SKIP_LTV'):
@@ -136,5 +165,7 @@ for i in range(int(E['RUNS'])):
              # kvm-pvm refuses MSR_IA32_ARCH_CAPABILITIES (0x10a), which QEMU asserts on.
              '-enable-kvm', '-cpu', 'host,-arch-capabilities', '-m', str(mem), '-smp', '1', '-nodefaults',
              '-no-user-config', '-nographic', '-no-reboot', '-serial', 'stdio',
-             '-kernel', E['VMLINUX'], '-initrd', E['INITRD'], '-append', E['QEMU_APPEND']])
+             '-kernel', E['VMLINUX'], '-initrd', E['INITRD'], '-append', E['QEMU_APPEND']]
+            + (['-drive', f'id=d0,file={disk},format=raw,if=none,readonly=on',
+                '-device', 'virtio-blk-device,drive=d0'] if disk else []))
 PY
