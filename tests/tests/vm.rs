@@ -114,6 +114,38 @@ fn md5(data: &[u8]) -> String {
         .to_string()
 }
 
+/// After the VMM of `name` (pid `pid`) was SIGKILLed: the instance is Stopped with 137, its
+/// TAP, sockets and disk lock are gone, and after `delete` nothing is left.
+fn assert_killed_vmm_left_nothing(d: &TestDaemon, name: &str, pid: i32) {
+    let v = d.wait_status(name, "Stopped", Duration::from_secs(30));
+    assert_eq!(v["exit_code"], 137, "{v}");
+    assert!(
+        !in_netns(d, &["link", "show"]).contains("ltvtap"),
+        "TAP removed"
+    );
+    let dir = d.state_dir.join("instances").join(name);
+    assert!(!dir.join("vsock.sock").exists() && !dir.join("vmm.sock").exists());
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("disk.img"))
+        .unwrap();
+    // SAFETY: flock on a file we just opened.
+    let locked = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&disk),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    assert_eq!(locked, 0, "the disk lock went with the VMM");
+    drop(disk);
+    d.ok(&["delete", name]);
+    d.assert_no_leftovers(name);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the VMM is gone"
+    );
+}
+
 fn in_netns(d: &TestDaemon, args: &[&str]) -> String {
     let ns = d.netns.as_deref().unwrap();
     let out = std::process::Command::new("ip")
@@ -313,33 +345,7 @@ fn vm_runs_commands_keeps_its_disk_talks_to_containers_and_stops_cleanly() {
     let out = exec.wait_with_output().unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr(&out).contains("agent"), "{}", stderr(&out));
-    let v = d.wait_status("vm1", "Stopped", Duration::from_secs(30));
-    assert_eq!(v["exit_code"], 137, "{v}");
-    assert!(
-        !in_netns(&d, &["link", "show"]).contains("ltvt"),
-        "TAP removed"
-    );
-    let dir = d.state_dir.join("instances/vm1");
-    assert!(!dir.join("vsock.sock").exists() && !dir.join("vmm.sock").exists());
-    let disk = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("disk.img"))
-        .unwrap();
-    // SAFETY: flock on a file we just opened.
-    let locked = unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&disk),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    };
-    assert_eq!(locked, 0, "the disk lock went with the VMM");
-    drop(disk);
-    d.ok(&["delete", "vm1"]);
-    d.assert_no_leftovers("vm1");
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "the VMM is gone"
-    );
+    assert_killed_vmm_left_nothing(&d, "vm1", pid);
 }
 
 /// What holds on every KVM flavour with one boot and a single agent request (the
@@ -379,33 +385,8 @@ fn vm_boots_on_its_disk_joins_the_bridge_and_cleans_up() {
     let pid = v["pid"].as_i64().unwrap() as i32;
     // SAFETY: kill on the VMM pid the daemon reported.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    let v = d.wait_status("vm1", "Stopped", Duration::from_secs(30));
-    assert_eq!(v["exit_code"], 137, "{v}");
-    assert!(
-        !in_netns(&d, &["link", "show"]).contains("ltvtap"),
-        "TAP removed"
-    );
-    assert!(!dir.join("vsock.sock").exists() && !dir.join("vmm.sock").exists());
-    let disk = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("disk.img"))
-        .unwrap();
-    // SAFETY: flock on a file we just opened.
-    let locked = unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&disk),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    };
-    assert_eq!(locked, 0, "the disk lock went with the VMM");
-    drop(disk);
-    d.ok(&["delete", "vm1"]);
-    d.assert_no_leftovers("vm1");
+    assert_killed_vmm_left_nothing(&d, "vm1", pid);
     d.ok(&["delete", "--force", "c1"]);
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "the VMM is gone"
-    );
 }
 
 /// A guest whose agent does not answer in time: launch fails with the console's tail, the

@@ -189,7 +189,10 @@ pub fn spawn_on_guest(req: &ExecPost, stdio: Stdio) -> Result<i32, ApiError> {
                 std::io::ErrorKind::PermissionDenied => 126,
                 _ => return Err(ApiError::internal(format!("exec {program:?}: {e}"))),
             };
-            Err(ApiError::cannot_exec(code, format!("exec {program:?}: {e}")))
+            Err(ApiError::cannot_exec(
+                code,
+                format!("exec {program:?}: {e}"),
+            ))
         }
     }
 }

@@ -281,11 +281,7 @@ async fn instance_exec(
     ApiJson(req): ApiJson<ExecPost>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.require()?;
-    if req.command.is_empty() {
-        return Err(ApiError::bad_request("exec needs a command"));
-    }
-    let (stdio, ends) =
-        pio::attached(req.stdin, req.tty).map_err(|e| ApiError::internal(format!("stdio: {e}")))?;
+    let (stdio, ends) = exec_stdio(&req)?;
     match d.exec_instance(&name, &req, stdio).await {
         Ok(ExecStarted::Local(pid)) => stream_local(upgrade, ends, pid),
         Ok(ExecStarted::Remote(agent)) => {
@@ -298,6 +294,16 @@ async fn instance_exec(
         Err(e) => return exec_failed(upgrade, e),
     }
     Ok(switching_protocols())
+}
+
+/// The pipes or tty of an exec request, after checking that it names a command.
+fn exec_stdio(
+    req: &ExecPost,
+) -> Result<(ltv_containers::process::Stdio, pio::AttachedEnds), ApiError> {
+    if req.command.is_empty() {
+        return Err(ApiError::bad_request("exec needs a command"));
+    }
+    pio::attached(req.stdin, req.tty).map_err(|e| ApiError::internal(format!("stdio: {e}")))
 }
 
 /// Streams a local child's stdio to the client until it exits, and reaps it.
@@ -360,11 +366,7 @@ async fn guest_exec(
     ApiJson(req): ApiJson<ExecPost>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.require()?;
-    if req.command.is_empty() {
-        return Err(ApiError::bad_request("exec needs a command"));
-    }
-    let (stdio, ends) =
-        pio::attached(req.stdin, req.tty).map_err(|e| ApiError::internal(format!("stdio: {e}")))?;
+    let (stdio, ends) = exec_stdio(&req)?;
     match super::agent::spawn_on_guest(&req, stdio) {
         Ok(pid) => stream_local(upgrade, ends, pid),
         Err(e) => return exec_failed(upgrade, e),
