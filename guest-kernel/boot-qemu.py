@@ -11,7 +11,7 @@ Only the QEMU process this script started is ever killed.
 """
 import argparse, os, selectors, signal, subprocess, sys, time
 
-COMPAT = 'noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv nofsgsbase ltv_pvm_compat'
+COMPAT = 'noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv ltv_pvm_compat'
 
 ap = argparse.ArgumentParser()
 ap.add_argument('vmlinux')

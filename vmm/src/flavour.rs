@@ -39,11 +39,7 @@ fn modules_has_pvm(proc_modules: &str) -> bool {
 
 /// Command line a PVM guest needs: keeps the kernel off instructions the
 /// PVM emulator lacks (xsave, popcnt, cmpxchg16b, smap/clac, pku) and off KVM PV hypercalls.
-/// `nofsgsbase`: with rdfsbase/wrfsbase in its context switch the guest's user FS base
-/// (thread-local storage) went wrong across switches; the guest agent crashed after its
-/// first request, and with the MSR path it served 23 of 25 (README, "microVMs on kvm-pvm").
-pub const PVM_COMPAT_CMDLINE: &str =
-    "noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv nofsgsbase";
+pub const PVM_COMPAT_CMDLINE: &str = "noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv";
 
 /// Switch that turns on the guest-kernel patches for PVM (skip the int3
 /// self-test and fwait, run syscalls from the LSTAR page fault); named in guest-kernel/README.md.
