@@ -146,6 +146,22 @@ fn assert_killed_vmm_left_nothing(d: &TestDaemon, name: &str, pid: i32) {
     );
 }
 
+/// Launches a 256 MiB busybox microVM, prints how long it took to a running agent, and
+/// returns the instance, asserted Running.
+fn launch_vm(d: &TestDaemon, name: &str) -> serde_json::Value {
+    let t = Instant::now();
+    d.ok(&[
+        "launch", "busybox", name, "--kind", "vm", "--memory", "256MiB",
+    ]);
+    eprintln!(
+        "{name}: launch to agent ready in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let v = d.instance(name);
+    assert_eq!(v["status"], "Running", "{v}");
+    v
+}
+
 fn in_netns(d: &TestDaemon, args: &[&str]) -> String {
     let ns = d.netns.as_deref().unwrap();
     let out = std::process::Command::new("ip")
@@ -184,16 +200,7 @@ fn vm_runs_commands_keeps_its_disk_talks_to_containers_and_stops_cleanly() {
     }
     d.build_busybox();
 
-    let t = Instant::now();
-    d.ok(&[
-        "launch", "busybox", "vm1", "--kind", "vm", "--memory", "256MiB",
-    ]);
-    eprintln!(
-        "vm1: launch to agent ready in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    let v = d.instance("vm1");
-    assert_eq!(v["status"], "Running", "{v}");
+    let v = launch_vm(&d, "vm1");
     let guest_kernel = v["usage"]["guest"]["kernel"]
         .as_str()
         .unwrap_or_default()
@@ -364,16 +371,7 @@ fn vm_boots_on_its_disk_joins_the_bridge_and_cleans_up() {
     d.ok(&[
         "launch", "busybox", "c1", "--kind", "app", "--", "sleep", "1000",
     ]);
-    let t = Instant::now();
-    d.ok(&[
-        "launch", "busybox", "vm1", "--kind", "vm", "--memory", "256MiB",
-    ]);
-    eprintln!(
-        "vm1: launch to agent ready in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    let v = d.instance("vm1");
-    assert_eq!(v["status"], "Running", "{v}");
+    let v = launch_vm(&d, "vm1");
     let vm_ip = v["address"].as_str().unwrap().to_string();
     assert!(d.ok(&["list"]).contains(&vm_ip));
     let taps = in_netns(&d, &["link", "show", "master", "ltvbr0"]);

@@ -278,6 +278,16 @@ pub fn hosts_file(hostname: &str, address: Option<Ipv4Addr>) -> String {
     )
 }
 
+/// The index of `name` in `netns`, which must exist.
+fn existing_link(nl: &mut Netlink, name: &str, netns: &str) -> Result<u32, Error> {
+    nl.link_index(name)
+        .map_err(nl_err(format!("looking up {name}"), netns))?
+        .ok_or_else(|| Error::NoSuchInterface {
+            name: name.to_string(),
+            netns: netns.to_string(),
+        })
+}
+
 fn open_netlink(netns: &str) -> Result<Netlink, Error> {
     Netlink::open().map_err(nl_err("opening a netlink socket", netns))
 }
@@ -303,12 +313,7 @@ pub fn ensure_bridge(cfg: &BridgeConfig) -> Result<(), Error> {
                 Err(e) if !is_errno(&e, libc::EEXIST) => return Err(e),
                 _ => {}
             }
-            nl.link_index(name)
-                .map_err(nl_err(format!("looking up {name}"), HOST_NS))?
-                .ok_or_else(|| Error::NoSuchInterface {
-                    name: name.clone(),
-                    netns: HOST_NS.into(),
-                })?
+            existing_link(&mut nl, name, HOST_NS)?
         }
     };
     if !nl
@@ -391,13 +396,7 @@ pub fn attach(pid: i32, bridge: &str, att: &Attachment) -> Result<(), Error> {
     let ns = open_netns(pid)?;
 
     let mut nl = open_netlink(HOST_NS)?;
-    let br = nl
-        .link_index(bridge)
-        .map_err(nl_err(format!("looking up {bridge}"), HOST_NS))?
-        .ok_or_else(|| Error::NoSuchInterface {
-            name: bridge.to_string(),
-            netns: HOST_NS.into(),
-        })?;
+    let br = existing_link(&mut nl, bridge, HOST_NS)?;
     if nl
         .link_index(host)
         .map_err(nl_err(format!("looking up {host}"), HOST_NS))?
@@ -427,13 +426,7 @@ pub fn attach(pid: i32, bridge: &str, att: &Attachment) -> Result<(), Error> {
         })?;
 
     let result = (|| {
-        let index = nl
-            .link_index(host)
-            .map_err(nl_err(format!("looking up {host}"), HOST_NS))?
-            .ok_or_else(|| Error::NoSuchInterface {
-                name: host.clone(),
-                netns: HOST_NS.into(),
-            })?;
+        let index = existing_link(&mut nl, host, HOST_NS)?;
         nl.set_link(index, Some(br), true)
             .map_err(nl_err(format!("attaching {host} to {bridge}"), HOST_NS))?;
         configure_inside(pid, ns, att)
@@ -532,18 +525,10 @@ fn configure_link(
     prefix: u8,
     gateway: Option<Ipv4Addr>,
 ) -> Result<(), Error> {
-    let lookup = |nl: &mut Netlink, name: &str| {
-        nl.link_index(name)
-            .map_err(nl_err(format!("looking up {name}"), netns))?
-            .ok_or_else(|| Error::NoSuchInterface {
-                name: name.to_string(),
-                netns: netns.to_string(),
-            })
-    };
-    let lo = lookup(nl, "lo")?;
+    let lo = existing_link(nl, "lo", netns)?;
     nl.set_link(lo, None, true)
         .map_err(nl_err("bringing lo up", netns))?;
-    let index = lookup(nl, ifname)?;
+    let index = existing_link(nl, ifname, netns)?;
     nl.add_address(index, address, prefix).map_err(nl_err(
         format!("adding {address}/{prefix} to {ifname}"),
         netns,
@@ -566,13 +551,7 @@ pub fn create_tap(name: &str, bridge: &str) -> Result<(), Error> {
     validate_ifname(name)?;
     validate_ifname(bridge)?;
     let mut nl = open_netlink(HOST_NS)?;
-    let br = nl
-        .link_index(bridge)
-        .map_err(nl_err(format!("looking up {bridge}"), HOST_NS))?
-        .ok_or_else(|| Error::NoSuchInterface {
-            name: bridge.to_string(),
-            netns: HOST_NS.into(),
-        })?;
+    let br = existing_link(&mut nl, bridge, HOST_NS)?;
     let exists = || Error::InterfaceExists {
         name: name.to_string(),
         netns: HOST_NS.into(),
@@ -592,13 +571,7 @@ pub fn create_tap(name: &str, bridge: &str) -> Result<(), Error> {
         r => r?,
     }
     let result = (|| {
-        let index = nl
-            .link_index(name)
-            .map_err(nl_err(format!("looking up {name}"), HOST_NS))?
-            .ok_or_else(|| Error::NoSuchInterface {
-                name: name.to_string(),
-                netns: HOST_NS.into(),
-            })?;
+        let index = existing_link(&mut nl, name, HOST_NS)?;
         nl.set_link(index, Some(br), true)
             .map_err(nl_err(format!("attaching {name} to {bridge}"), HOST_NS))
     })();
