@@ -1,6 +1,6 @@
 //! The `ltv` command line: Docker- and Incus-shaped verbs over the REST API.
 
-use crate::client::{Client, ClientError, Upgraded};
+use crate::client::{instance_url, Client, ClientError, Upgraded};
 use crate::daemon::{DaemonConfig, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 use crate::stream::{read_frame, write_frame, Frame};
 use crate::types::*;
@@ -80,6 +80,11 @@ pub enum Command {
     /// List instances.
     #[command(alias = "ls")]
     List {
+        /// List what is inside this instance (a path such as `vm1/sys1`).
+        parent: Option<String>,
+        /// Show what is nested in each instance too, level by level.
+        #[arg(long)]
+        tree: bool,
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         format: String,
     },
@@ -180,7 +185,11 @@ pub struct RunArgs {
 #[derive(Args, Debug)]
 pub struct LaunchArgs {
     pub image: String,
+    /// A name, or a path inside a running instance: `vm1/sys1/app1`.
     pub name: String,
+    /// The instance to create it in (the same as naming it `PARENT/NAME`).
+    #[arg(long)]
+    pub parent: Option<String>,
     #[arg(long, default_value = "system")]
     pub kind: String,
     #[command(flatten)]
@@ -351,7 +360,7 @@ pub async fn run(cli: Cli) -> i32 {
                 stdin: args.interactive,
             };
             match client
-                .upgrade(&format!("/1.0/instances/{}/exec", args.name), &body)
+                .upgrade(&instance_url(&args.name, "/exec"), &body)
                 .await
             {
                 Ok(up) => stream_stdio(up, args.interactive, args.tty).await,
@@ -361,11 +370,14 @@ pub async fn run(cli: Cli) -> i32 {
                 }
             }
         }
-        Command::List { format } => list(&client, &format).await.map_or_else(fail, |_| 0),
-        Command::Info { name } => match client
-            .get::<Instance>(&format!("/1.0/instances/{name}"))
+        Command::List {
+            parent,
+            tree,
+            format,
+        } => list(&client, parent.as_deref(), tree, &format)
             .await
-        {
+            .map_or_else(fail, |_| 0),
+        Command::Info { name } => match client.get::<Instance>(&instance_url(&name, "")).await {
             Ok(i) => {
                 print_info(&i);
                 0
@@ -394,7 +406,7 @@ pub async fn run(cli: Cli) -> i32 {
             .await
         }
         Command::Delete { name, force } => {
-            let path = format!("/1.0/instances/{name}?force={force}");
+            let path = instance_url(&name, &format!("?force={force}"));
             client
                 .call_raw(Method::DELETE, &path, None::<&()>)
                 .await
@@ -421,20 +433,12 @@ pub async fn run(cli: Cli) -> i32 {
                 other => return bad(format!("unknown key {other:?}: use memory, cpus or pids")),
             }
             client
-                .call::<Instance>(
-                    Method::PATCH,
-                    &format!("/1.0/instances/{name}"),
-                    Some(&patch),
-                )
+                .call::<Instance>(Method::PATCH, &instance_url(&name, ""), Some(&patch))
                 .await
                 .map_or_else(fail, |_| 0)
         }
         Command::Logs { name } => match client
-            .call_raw(
-                Method::GET,
-                &format!("/1.0/instances/{name}/logs"),
-                None::<&()>,
-            )
+            .call_raw(Method::GET, &instance_url(&name, "/logs"), None::<&()>)
             .await
         {
             Ok(text) => {
@@ -496,7 +500,7 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<(), ClientError> {
         name: Some(args.name),
         kind,
         image: args.image,
-        parent: None,
+        parent: args.parent,
         config: args.limits.config(args.command),
         start: true,
         attach: None,
@@ -527,22 +531,43 @@ async fn state(
         timeout,
     };
     client
-        .call::<Instance>(
-            Method::PUT,
-            &format!("/1.0/instances/{name}/state"),
-            Some(&body),
-        )
+        .call::<Instance>(Method::PUT, &instance_url(name, "/state"), Some(&body))
         .await
         .map_or_else(fail, |_| 0)
 }
 
-async fn list(client: &Client, format: &str) -> Result<(), ClientError> {
-    let instances: Vec<Instance> = client.get("/1.0/instances").await?;
+async fn list(
+    client: &Client,
+    parent: Option<&str>,
+    tree: bool,
+    format: &str,
+) -> Result<(), ClientError> {
+    let mut query = vec![];
+    if tree {
+        query.push("recursion=tree".to_string());
+    }
+    if let Some(p) = parent {
+        query.push(format!(
+            "parent={}",
+            percent_encoding::utf8_percent_encode(p, percent_encoding::NON_ALPHANUMERIC)
+        ));
+    }
+    let instances: Vec<Instance> = client
+        .get(&format!("/1.0/instances?{}", query.join("&")))
+        .await?;
     if format == "json" {
         println!(
             "{}",
             serde_json::to_string_pretty(&instances).expect("json")
         );
+        return Ok(());
+    }
+    if tree {
+        println!(
+            "{:<32} {:<7} {:<8} {:<15} {:>10}",
+            "NAME", "KIND", "STATUS", "ADDRESS", "MEMORY"
+        );
+        print_tree(&instances, 0);
         return Ok(());
     }
     println!(
@@ -565,6 +590,26 @@ async fn list(client: &Client, format: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// One line per instance, its nested instances indented under it.
+fn print_tree(instances: &[Instance], depth: usize) {
+    for i in instances {
+        let memory = i
+            .usage
+            .as_ref()
+            .map(|u| format_size(u.memory_bytes))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<32} {:<7} {:<8} {:<15} {:>10}",
+            format!("{}{}", "  ".repeat(depth), i.name),
+            i.kind.as_str(),
+            i.status.as_str(),
+            i.address.as_deref().unwrap_or("-"),
+            memory
+        );
+        print_tree(&i.children, depth + 1);
+    }
+}
+
 fn print_info(i: &Instance) {
     println!("Name:       {}", i.name);
     println!("Kind:       {}", i.kind.as_str());
@@ -579,6 +624,11 @@ fn print_info(i: &Instance) {
         println!("PID:        {pid}");
     }
     match i.idmap_base {
+        // Its daemon maps it within its parent's own unprivileged range.
+        Some(_) if i.parent.is_some() => println!(
+            "Privileged: no (root is root of {}, itself unprivileged)",
+            i.parent.as_deref().unwrap_or_default()
+        ),
         Some(base) => println!(
             "Privileged: no (root is host uid {base}, ids {base}-{})",
             base + 65535

@@ -12,6 +12,26 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::PathBuf;
 
+/// Characters a path segment may not carry as they are: a nested instance's path
+/// (`vm1/sys1/app1`) travels as one segment, its `/` escaped.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b'/')
+    .add(b'%')
+    .add(b'?')
+    .add(b'#')
+    .add(b' ');
+
+/// `/1.0/instances/{name}{suffix}`, for a name or a nested path.
+pub fn instance_url(name: &str, suffix: &str) -> String {
+    format!(
+        "/1.0/instances/{}{suffix}",
+        percent_encoding::utf8_percent_encode(name, SEGMENT)
+    )
+}
+
+/// Content type of an image upload: a tar of an OCI image layout.
+pub const IMAGE_ARCHIVE: &str = "application/x-tar";
+
 #[derive(Debug)]
 pub struct ClientError {
     /// HTTP status, or `None` when the daemon could not be reached.
@@ -109,7 +129,14 @@ impl Client {
         &self.endpoint
     }
 
-    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ClientError> {
+    /// One request, any body; the answer as it comes (also used to forward requests to a
+    /// nested daemon).
+    pub async fn send<B>(&self, req: Request<B>) -> Result<Response<Incoming>, ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = self
             .endpoint
             .connect()
@@ -215,6 +242,55 @@ impl Client {
             .await
             .map_err(|e| transport(&self.endpoint, e))?;
         Ok(TokioIo::new(up))
+    }
+
+    /// `POST /1.0/images` of an image archive (an OCI layout tar), streamed from `file`.
+    pub async fn upload_image(
+        &self,
+        alias: &str,
+        file: &std::path::Path,
+    ) -> Result<crate::types::Image, ClientError> {
+        let f = tokio::fs::File::open(file).await.map_err(|e| ClientError {
+            status: None,
+            message: format!("open {}: {e}", file.display()),
+        })?;
+        let chunks = futures_util::stream::unfold(f, |mut f| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 256 << 10];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(hyper::body::Frame::data(Bytes::from(buf))), f))
+                }
+                Err(e) => Some((Err(e), f)),
+            }
+        });
+        let path = format!(
+            "/1.0/images?alias={}",
+            percent_encoding::utf8_percent_encode(alias, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("host", "ltv")
+            .header("content-type", IMAGE_ARCHIVE)
+            .body(http_body_util::StreamBody::new(chunks))
+            .expect("valid request");
+        let resp = self.send(req).await?;
+        if !resp.status().is_success() {
+            return Err(self.error_of(resp).await);
+        }
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| transport(&self.endpoint, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError {
+            status: None,
+            message: format!("unexpected answer from the daemon: {e}"),
+        })
     }
 
     /// A request answered by an `application/x-ndjson` progress stream.

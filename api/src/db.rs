@@ -104,6 +104,7 @@ fn instance_from_row(row: &Row) -> rusqlite::Result<InstanceRow> {
             idmap_base: row.get("idmap_base")?,
             address: row.get("address")?,
             usage: None,
+            children: vec![],
         },
         pid_start: row.get::<_, Option<i64>>("pid_start")?.map(|v| v as u64),
     })
@@ -436,6 +437,7 @@ mod tests {
             idmap_base: None,
             address: None,
             usage: None,
+            children: vec![],
         }
     }
 

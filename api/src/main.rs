@@ -41,6 +41,12 @@ fn main() {
         Command::Daemon { .. } | Command::Agent { .. } | Command::Demo
     );
     init_tracing(daemonish);
+    if !daemonish {
+        // A CLI piped into `head` ends quietly, as other tools do, instead of panicking
+        // on a write to the closed pipe (Rust ignores SIGPIPE by default).
+        // SAFETY: setting a signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     // In a kvm-pvm guest, YMM/ZMM state does not survive a context switch (see
     // guest_init::PVM_GLIBC_TUNABLES), and our dependencies pick AVX2 paths at run time
     // (memchr): one thread keeps two of our own tasks from clobbering each other.

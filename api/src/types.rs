@@ -150,6 +150,11 @@ pub struct Instance {
     /// Live usage, present while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The instances nested in this one, named by their full path
+    /// (`GET /1.0/instances?recursion=tree`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(no_recursion)]
+    pub children: Vec<Instance>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]

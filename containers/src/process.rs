@@ -116,6 +116,20 @@ fn validate(spec: &ContainerSpec) -> Result<(), Error> {
             return Err(Error::InvalidSpec("idmap size is 0".into()));
         }
     }
+    if spec.nesting && spec.idmap.is_none() {
+        return Err(Error::InvalidSpec(
+            "nesting needs a user namespace: a privileged container cannot nest".into(),
+        ));
+    }
+    for b in &spec.binds {
+        let t = Path::new(&b.target);
+        if !t.is_absolute() || t.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(Error::InvalidSpec(format!(
+                "bind target {:?} must be absolute, without '..'",
+                b.target
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -392,6 +406,7 @@ fn start_inner(
                 .map_err(setup("claim spare cgroup"))?;
             cg.apply(&spec.limits)
                 .map_err(setup("apply cgroup limits"))?;
+            delegate_if_nesting(spec, cg)?;
             if let Some(m) = &spec.idmap {
                 namespaces::write_id_maps(h.pid, m)
                     .map_err(setup("write user namespace id maps"))?;
@@ -403,6 +418,7 @@ fn start_inner(
             cg.create().map_err(setup("create cgroup"))?;
             cg.apply(&spec.limits)
                 .map_err(setup("apply cgroup limits"))?;
+            delegate_if_nesting(spec, cg)?;
             let cg_fd = cgroup_dir_fd(cg);
             let h = helper.insert(Helper::spawn(
                 namespaces::clone_flags(spec.idmap.is_some()),
@@ -640,6 +656,16 @@ pub fn remove_stale_spares(root: &str) {
         let cg = cgroups::manager(&format!("{}/{name}", root.trim_matches('/')));
         let _ = cg.kill_all();
         let _ = cg.remove();
+    }
+}
+
+/// A nesting container's root gets its cgroup to make groups for its own containers.
+fn delegate_if_nesting(spec: &ContainerSpec, cg: &dyn CgroupManager) -> Result<(), Error> {
+    match (spec.nesting, &spec.idmap) {
+        (true, Some(m)) => cg
+            .delegate(m.host_uid, m.host_gid)
+            .map_err(setup("delegate cgroup")),
+        _ => Ok(()),
     }
 }
 
@@ -932,7 +958,7 @@ fn init_start(
     rootfs_mount: Option<&OwnedFd>,
 ) -> InitResult<std::convert::Infallible> {
     // Built first: a filter that cannot compile must fail before anything else.
-    let filters = security::default_seccomp().map_err(|e| ("seccomp", e))?;
+    let filters = security::seccomp(spec.profile()).map_err(|e| ("seccomp", e))?;
     let cg_mounts = rootfs::CgroupMounts::detect().map_err(|e| ("rootfs", e))?;
     namespaces::unshare_cgroup().map_err(|e| ("unshare cgroup namespace", e))?;
     nix::unistd::sethostname(&spec.hostname).map_err(|e| ("set hostname", errno_str(e)))?;
@@ -948,10 +974,9 @@ fn init_start(
     rootfs::make_private().map_err(|e| ("rootfs", e))?;
     rootfs::attach_detached(rootfs_mount, &spec.rootfs.mountpoint)
         .map_err(|e| ("mount rootfs", e))?;
-    rootfs::setup(&spec.rootfs.mountpoint, spec.process.tty, &cg_mounts)
-        .map_err(|e| ("rootfs", e))?;
+    rootfs::setup(&spec.rootfs.mountpoint, spec, &cg_mounts).map_err(|e| ("rootfs", e))?;
     session(spec.process.tty)?;
-    finish_and_exec(&spec.process, &filters)
+    finish_and_exec(&spec.process, spec.profile(), &filters)
 }
 
 fn session(tty: bool) -> InitResult<()> {
@@ -968,6 +993,7 @@ fn session(tty: bool) -> InitResult<()> {
 /// cwd, ids, capabilities, no_new_privs, seccomp, then execve. Only returns on failure.
 fn finish_and_exec(
     p: &ProcessSpec,
+    profile: security::Profile,
     filters: &[seccompiler::BpfProgram],
 ) -> InitResult<std::convert::Infallible> {
     let cwd = rootfs::ensure_dir(&p.cwd).map_err(|e| ("working directory", e))?;
@@ -984,7 +1010,7 @@ fn finish_and_exec(
         .collect::<Result<_, _>>()
         .map_err(|e| ("env", e))?;
 
-    security::drop_bounding().map_err(|e| ("capabilities", e))?;
+    security::drop_bounding(profile).map_err(|e| ("capabilities", e))?;
     security::keep_caps(true).map_err(|e| ("capabilities", e))?;
     let groups: Vec<nix::unistd::Gid> = p
         .additional_gids
@@ -996,7 +1022,7 @@ fn finish_and_exec(
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| ("setgid", errno_str(e)))?;
     let uid = nix::unistd::Uid::from_raw(p.uid);
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| ("setuid", errno_str(e)))?;
-    security::set_caps().map_err(|e| ("capabilities", e))?;
+    security::set_caps(profile).map_err(|e| ("capabilities", e))?;
     std::env::set_current_dir(&cwd).map_err(|e| ("chdir", format!("{}: {e}", cwd.display())))?;
 
     let path = lookup(&p.args[0], env_path(&p.env), probe_fs).map_err(|e| match e {
@@ -1045,7 +1071,7 @@ fn init_exec(
     init_pid: i32,
     p: &ProcessSpec,
 ) -> InitResult<std::convert::Infallible> {
-    let filters = security::default_seccomp().map_err(|e| ("seccomp", e))?;
+    let filters = security::seccomp(spec.profile()).map_err(|e| ("seccomp", e))?;
     let ns = namespaces::open_namespaces(init_pid, spec.idmap.is_some())
         .map_err(|e| ("container namespaces", e))?;
     for (kind, fd) in &ns {
@@ -1071,7 +1097,7 @@ fn init_exec(
         return Err(("fork", std::io::Error::last_os_error()).into());
     }
     if child == 0 {
-        let r = session(p.tty).and_then(|_| finish_and_exec(p, &filters));
+        let r = session(p.tty).and_then(|_| finish_and_exec(p, spec.profile(), &filters));
         let err = match r {
             Err(e) => e,
             Ok(never) => match never {},

@@ -87,6 +87,9 @@ pub fn detached_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<Owne
     }
     // The layer fds must stay open until fsconfig has taken them.
     let mut layer_fds = Vec::new();
+    // An identity map (a nested daemon sharing its own range) needs no shifted layers; the
+    // kernel would refuse them anyway on a filesystem the host mounted.
+    let idmap = idmap.filter(|m| m.host_uid != 0 || m.host_gid != 0);
     let lower: Vec<String> = match idmap {
         None => spec
             .lowerdirs
@@ -373,7 +376,8 @@ pub fn make_private() -> Result<()> {
     )
 }
 
-pub fn setup(root: &Path, tty: bool, cg: &CgroupMounts) -> Result<()> {
+pub fn setup(root: &Path, spec: &crate::spec::ContainerSpec, cg: &CgroupMounts) -> Result<()> {
+    let tty = spec.process.tty;
     let nsfl = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     // Nothing we mount may leak back to the host.
     mnt(
@@ -433,9 +437,35 @@ pub fn setup(root: &Path, tty: bool, cg: &CgroupMounts) -> Result<()> {
         )?;
     }
 
-    mount_cgroupfs(&sys.join("fs/cgroup"), cg)?;
+    // A nesting container manages its own (delegated) cgroup: writable then.
+    mount_cgroupfs(&sys.join("fs/cgroup"), cg, !spec.nesting)?;
     setup_dev(&root.join("dev"), tty)?;
+    for b in &spec.binds {
+        let target = root.join(b.target.trim_start_matches('/'));
+        refuse_symlink(&target)?;
+        mkdir_p(&target)?;
+        let src = b.source.to_str().unwrap_or_default();
+        mnt(
+            Some(src),
+            &target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        let ro = if b.readonly {
+            MsFlags::MS_RDONLY
+        } else {
+            MsFlags::empty()
+        };
+        remount_bind_adding(&target, ro | MsFlags::MS_NOSUID)?;
+    }
     pivot(root)?;
+    if spec.nesting {
+        // Masks would be locked in the mount namespace of any container it starts, and
+        // the kernel refuses a new proc mount where one is partly hidden. What they hide is
+        // refused to a user namespace's root anyway (LXC's nesting does the same).
+        return Ok(());
+    }
     mask_paths()
 }
 
@@ -506,15 +536,16 @@ impl CgroupMounts {
     }
 }
 
-/// A read-only view of the container's own cgroup (we are in its cgroup namespace), so
-/// programs can read their limits. v2: one cgroup2 mount; v1: a tmpfs with one mount per
-/// hierarchy, named like on the host.
-fn mount_cgroupfs(target: &Path, cg: &CgroupMounts) -> Result<()> {
+/// A view of the container's own cgroup (we are in its cgroup namespace), so programs can
+/// read their limits; `readonly` unless it is delegated. v2: one cgroup2 mount; v1: a
+/// tmpfs with one mount per hierarchy, named like on the host.
+fn mount_cgroupfs(target: &Path, cg: &CgroupMounts, readonly: bool) -> Result<()> {
     let ro = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
-    if cg.v2 {
-        return mnt(Some("cgroup2"), target, Some("cgroup2"), ro, None);
-    }
     let rw = ro - MsFlags::MS_RDONLY;
+    let fs = if readonly { ro } else { rw };
+    if cg.v2 {
+        return mnt(Some("cgroup2"), target, Some("cgroup2"), fs, None);
+    }
     mnt(
         Some("tmpfs"),
         target,
@@ -525,7 +556,7 @@ fn mount_cgroupfs(target: &Path, cg: &CgroupMounts) -> Result<()> {
     for (name, opts) in &cg.v1 {
         let t = target.join(name);
         mkdir_p(&t)?;
-        mnt(Some("cgroup"), &t, Some("cgroup"), ro, Some(opts))?;
+        mnt(Some("cgroup"), &t, Some("cgroup"), fs, Some(opts))?;
     }
     mnt(
         None,

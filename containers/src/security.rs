@@ -37,15 +37,47 @@ pub const DEFAULT_CAPS: &[Capability] = &[
     Capability::CAP_AUDIT_WRITE,
 ];
 
+/// Capabilities a nesting container loses, as LXC drops them for unprivileged containers:
+/// the rest only act on what its user namespace owns.
+const NESTING_DROPPED: &[Capability] = &[
+    Capability::CAP_MAC_ADMIN,
+    Capability::CAP_MAC_OVERRIDE,
+    Capability::CAP_SYS_TIME,
+    Capability::CAP_SYS_MODULE,
+    Capability::CAP_SYS_RAWIO,
+];
+
+/// How much a container's processes may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Docker's defaults: a few capabilities, no mounts or new namespaces.
+    Default,
+    /// LXC's defaults for unprivileged containers, so it can run containers itself:
+    /// every capability of its own user namespace but [`NESTING_DROPPED`], and only the
+    /// syscalls that reach the host kernel's global state denied.
+    Nesting,
+}
+
 /// The bit mask of [`DEFAULT_CAPS`], as shown in `CapEff` of /proc/PID/status.
 pub fn default_caps_mask() -> u64 {
     DEFAULT_CAPS.iter().fold(0, |m, c| m | c.bitmask())
 }
 
-/// Drops every capability outside the default set from the bounding set.
+/// The capabilities a profile keeps, as a mask.
+pub fn caps_mask(profile: Profile) -> u64 {
+    match profile {
+        Profile::Default => default_caps_mask(),
+        Profile::Nesting => caps::all()
+            .iter()
+            .filter(|c| !NESTING_DROPPED.contains(c))
+            .fold(0, |m, c| m | c.bitmask()),
+    }
+}
+
+/// Drops every capability outside the profile's set from the bounding set.
 /// Needs CAP_SETPCAP, so it runs before the ids change.
-pub fn drop_bounding() -> Result<(), Error> {
-    let keep = default_caps_mask();
+pub fn drop_bounding(profile: Profile) -> Result<(), Error> {
+    let keep = caps_mask(profile);
     for cap in 0..64u32 {
         if keep & (1u64 << cap) != 0 {
             continue;
@@ -77,9 +109,13 @@ pub fn keep_caps(on: bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// Sets effective, permitted and inheritable to the default set and clears ambient.
-pub fn set_caps() -> Result<(), Error> {
-    let set: CapsHashSet = DEFAULT_CAPS.iter().copied().collect();
+/// Sets effective, permitted and inheritable to the profile's set and clears ambient.
+pub fn set_caps(profile: Profile) -> Result<(), Error> {
+    let keep = caps_mask(profile);
+    let set: CapsHashSet = caps::all()
+        .into_iter()
+        .filter(|c| keep & c.bitmask() != 0)
+        .collect();
     let e = |e: caps::errors::CapsError| Error::Caps(e.to_string());
     // Effective must shrink first: it has to stay a subset of permitted.
     caps::set(None, CapSet::Effective, &set).map_err(e)?;
@@ -180,18 +216,57 @@ fn arch() -> Result<TargetArch, Error> {
     }
 }
 
-/// The default filters, compiled. Both must be installed; the kernel applies the
+/// What LXC's default policy denies: loading kernels and modules, and reaching files by
+/// handle (which escapes a chroot).
+fn nesting_denied_syscalls() -> Vec<i64> {
+    vec![
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_open_by_handle_at,
+    ]
+}
+
+/// The profile's filters, compiled; all must be installed and the kernel applies the
 /// strictest result. Built early so a failure shows up before the container is set up.
-pub fn default_seccomp() -> Result<Vec<BpfProgram>, Error> {
-    let b = |e: seccompiler::BackendError| Error::SeccompBuild(e.to_string());
-    let arch = arch()?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for nr in denied_syscalls() {
+pub fn seccomp(profile: Profile) -> Result<Vec<BpfProgram>, Error> {
+    match profile {
+        Profile::Default => default_seccomp(),
+        Profile::Nesting => {
+            let arch = arch()?;
+            let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+            deny_all(&mut rules, nesting_denied_syscalls());
+            let deny = SeccompFilter::new(
+                rules,
+                SeccompAction::Allow,
+                SeccompAction::Errno(libc::EPERM as u32),
+                arch,
+            )
+            .map_err(|e| Error::SeccompBuild(e.to_string()))?;
+            Ok(vec![deny.try_into().map_err(
+                |e: seccompiler::BackendError| Error::SeccompBuild(e.to_string()),
+            )?])
+        }
+    }
+}
+
+/// One unconditional rule per syscall, under both the x86_64 and x32 numbers.
+fn deny_all(rules: &mut BTreeMap<i64, Vec<SeccompRule>>, syscalls: Vec<i64>) {
+    for nr in syscalls {
         rules.insert(nr, vec![]);
         // The x32 ABI reaches the same syscalls with bit 30 set, under the x86_64 audit arch.
         #[cfg(target_arch = "x86_64")]
         rules.insert(nr | 0x4000_0000, vec![]);
     }
+}
+
+fn default_seccomp() -> Result<Vec<BpfProgram>, Error> {
+    let b = |e: seccompiler::BackendError| Error::SeccompBuild(e.to_string());
+    let arch = arch()?;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    deny_all(&mut rules, denied_syscalls());
     // clone() that creates namespaces: one rule per flag, ORed.
     let mut clone_rules = Vec::new();
     for f in CLONE_NS_FLAGS {
@@ -238,15 +313,22 @@ mod tests {
 
     #[test]
     fn filter_builds() {
-        let f = default_seccomp().unwrap();
+        let f = seccomp(Profile::Default).unwrap();
         assert_eq!(f.len(), 2);
         assert!(f[0].len() > 50);
+        let n = seccomp(Profile::Nesting).unwrap();
+        assert_eq!(n.len(), 1);
+        assert!(n[0].len() < f[0].len());
     }
 
     #[test]
     fn default_mask_matches_docker() {
         // CapEff of a root process in a default Docker container.
         assert_eq!(default_caps_mask(), 0x00000000a80425fb);
+        assert_eq!(caps_mask(Profile::Default), default_caps_mask());
+        let nesting = caps_mask(Profile::Nesting);
+        assert_ne!(nesting & Capability::CAP_SYS_ADMIN.bitmask(), 0);
+        assert_eq!(nesting & Capability::CAP_SYS_MODULE.bitmask(), 0);
     }
 
     #[test]

@@ -17,6 +17,33 @@ pub struct ContainerSpec {
     pub network: NetworkMode,
     /// `None` runs the container without a user namespace (privileged).
     pub idmap: Option<IdMap>,
+    /// It may run containers itself: LXC's unprivileged profile instead of Docker's, and
+    /// its own cgroup delegated to its root. Needs `idmap`.
+    #[serde(default)]
+    pub nesting: bool,
+    /// Host directories bind-mounted into the container.
+    #[serde(default)]
+    pub binds: Vec<Bind>,
+}
+
+impl ContainerSpec {
+    pub fn profile(&self) -> crate::security::Profile {
+        if self.nesting {
+            crate::security::Profile::Nesting
+        } else {
+            crate::security::Profile::Default
+        }
+    }
+}
+
+/// A bind mount of a host directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    pub source: PathBuf,
+    /// Absolute path inside the container.
+    pub target: String,
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// An overlayfs rootfs: read-only image layers below, a per-instance upper dir on top.

@@ -31,6 +31,7 @@ fn main() {
         ),
         ("missing_command_cleans_up", missing_command_cleans_up),
         ("user_namespace", user_namespace),
+        ("nesting_profile", nesting_profile),
         ("tty", tty),
         ("cgroup_v2_on_real_mount", cgroup_v2_on_real_mount),
         (
@@ -136,6 +137,8 @@ impl Env {
             cgroup: format!("{}/{name}", self.cg_parent),
             network: NetworkMode::Loopback,
             idmap: None,
+            nesting: false,
+            binds: vec![],
         };
         self.specs.lock().unwrap().push(s.clone());
         s
@@ -472,6 +475,74 @@ fn user_namespace(env: &Env) {
     assert!(out.contains("bb=0:0") && out.contains("etcok"), "{out}");
     process::destroy(&spec).expect("destroy");
     assert_gone(&spec);
+}
+
+/// A nesting container can make a container of its own (user, mount and pid namespaces, a
+/// fresh /proc) and a sub-cgroup of its own; a default one can do neither. Its binds are
+/// there, a read-only one refusing writes.
+fn nesting_profile(env: &Env) {
+    let nested = "unshare -U -m -p -f -r --mount-proc sh -c 'cat /proc/self/uid_map; echo pid=$$' && echo NESTED-OK";
+    let sub_cgroup =
+        "d=/sys/fs/cgroup; [ -d $d/pids ] && d=$d/pids; mkdir $d/sub && echo CGROUP-OK";
+    let binds = "cat /bound/ro/marker; touch /bound/ro/x 2>/dev/null || echo RO-OK; touch /bound/rw/x && echo RW-OK";
+    let script = format!("{nested}; {sub_cgroup}; {binds}");
+    let ro = env.dir.path().join("bind-ro");
+    let rw = env.dir.path().join("bind-rw");
+    for d in [&ro, &rw] {
+        std::fs::create_dir_all(d).unwrap();
+        chmod(d, 0o777);
+    }
+    std::fs::write(ro.join("marker"), "MARKER\n").unwrap();
+    for nesting in [false, true] {
+        let mut spec = env.spec(
+            if nesting { "nesting" } else { "not-nesting" },
+            &["sh", "-c", &script],
+        );
+        spec.idmap = Some(IdMap {
+            host_uid: 400000,
+            host_gid: 400000,
+            size: 65536,
+        });
+        spec.nesting = nesting;
+        spec.binds = vec![
+            Bind {
+                source: ro.clone(),
+                target: "/bound/ro".into(),
+                readonly: true,
+            },
+            Bind {
+                source: rw.clone(),
+                target: "/bound/rw".into(),
+                readonly: false,
+            },
+        ];
+        let (io, r) = stdio();
+        let s = process::start(&spec, io, None).expect("start");
+        wait(s.pid);
+        let out = read_all(r);
+        eprint!("{out}");
+        assert_eq!(out.contains("NESTED-OK"), nesting, "{out}");
+        assert_eq!(out.contains("CGROUP-OK"), nesting, "{out}");
+        if nesting {
+            assert!(out.contains("pid=1"), "a pid namespace of its own: {out}");
+        }
+        assert!(
+            out.contains("MARKER") && out.contains("RO-OK") && out.contains("RW-OK"),
+            "{out}"
+        );
+        process::destroy(&spec).expect("destroy removes the sub-cgroup too");
+        assert_gone(&spec);
+    }
+    let mut privileged = env.spec("nesting-privileged", &["true"]);
+    privileged.nesting = true;
+    let (io, _r) = stdio();
+    assert!(
+        matches!(
+            process::start(&privileged, io, None),
+            Err(Error::InvalidSpec(_))
+        ),
+        "nesting without a user namespace is refused"
+    );
 }
 
 fn pool_spare_becomes_the_container(env: &Env) {

@@ -2,15 +2,18 @@
 //! overlay rootfs, in its own namespaces and cgroup.
 
 use super::{Backend, Started};
+use crate::client::Client;
 use crate::daemon::error::ApiError;
 use crate::db::IDMAP_SIZE;
-use crate::types::{parse_size, ExecPost, Image, Instance, Kind, Usage};
+use crate::types::{parse_size, ExecPost, Image, Instance, Kind, ServerInfo, Usage};
 use async_trait::async_trait;
 use ltv_containers::cgroups;
 use ltv_containers::image::ImageStore;
 use ltv_containers::network::BridgeConfig;
 use ltv_containers::process::{self, Stdio};
-use ltv_containers::spec::{ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec};
+use ltv_containers::spec::{
+    Bind, ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,7 +29,19 @@ pub struct ContainerBackend {
     pools: Vec<Arc<process::Pool>>,
     /// The bridge instances attach to (`None`: loopback only).
     bridge: Option<BridgeConfig>,
+    /// `<state>/bundle`: the `ltv` that system containers get at `/.ltv`.
+    bundle_cache: PathBuf,
+    /// Our own user namespace's id range when we are nested in a container: ours to give
+    /// out as it is, there being no room for private ranges in it.
+    own_idmap: Option<IdMap>,
+    /// Held while a system container's nested daemon is being started.
+    nested_starts: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// Where a nesting system container's own daemon listens, inside it.
+const NESTED_SOCKET: &str = "run/ltv/ltv.sock";
+/// Where it keeps its state (its default state dir).
+const NESTED_STATE: &str = "/var/lib/ltv";
 
 impl ContainerBackend {
     /// `pool_size` spare helpers are kept ready (0: none).
@@ -36,6 +51,7 @@ impl ContainerBackend {
         cgroup_root: String,
         pool_size: usize,
         bridge: Option<BridgeConfig>,
+        bundle_cache: PathBuf,
     ) -> Self {
         // Spares a previous daemon left behind are not ours to claim.
         process::remove_stale_spares(&cgroup_root);
@@ -51,6 +67,9 @@ impl ContainerBackend {
             cgroup_root,
             pools,
             bridge,
+            bundle_cache,
+            own_idmap: own_idmap(),
+            nested_starts: Default::default(),
         };
         for pool in &backend.pools {
             backend.refill(pool.clone());
@@ -101,10 +120,12 @@ impl ContainerBackend {
             cgroup: self.cgroup(name),
             network: NetworkMode::Loopback,
             idmap: None,
+            nesting: false,
+            binds: vec![],
         }
     }
 
-    fn spec(
+    async fn spec(
         &self,
         instance: &Instance,
         image: &Image,
@@ -114,13 +135,51 @@ impl ContainerBackend {
         spec.rootfs.lowerdirs = vec![self.rootfs_of(image)];
         spec.process = process;
         spec.limits = limits_of(instance)?;
-        spec.idmap = instance.idmap_base.map(|base| IdMap {
+        spec.idmap = self.idmap(instance);
+        spec.network = self.network_of(instance)?;
+        if nests(instance) {
+            let cache = self.bundle_cache.clone();
+            let bundle = blocking(move || super::bundle::ensure(&cache))
+                .await?
+                .map_err(|e| ApiError::internal(format!("the ltv bundle for containers: {e}")))?;
+            spec.nesting = true;
+            spec.binds = vec![
+                Bind {
+                    source: bundle,
+                    target: super::bundle::GUEST_DIR.into(),
+                    readonly: true,
+                },
+                Bind {
+                    source: self.nested_state_dir(instance)?,
+                    target: NESTED_STATE.into(),
+                    readonly: false,
+                },
+            ];
+        }
+        Ok(spec)
+    }
+
+    /// The state of a nesting container's own daemon, on our filesystem rather than in its
+    /// overlay rootfs: overlayfs refuses an upper dir on overlayfs. Owned by its root.
+    fn nested_state_dir(&self, instance: &Instance) -> Result<PathBuf, ApiError> {
+        let dir = self.dir(&instance.name).join("nested");
+        let io = |e: std::io::Error| ApiError::internal(format!("{}: {e}", dir.display()));
+        if !dir.exists() {
+            std::fs::create_dir(&dir).map_err(io)?;
+            let root = self.idmap(instance).map(|m| m.host_uid);
+            std::os::unix::fs::chown(&dir, root, root).map_err(io)?;
+        }
+        Ok(dir)
+    }
+
+    /// The instance's user-namespace map: its private range, or ours when nested.
+    fn idmap(&self, instance: &Instance) -> Option<IdMap> {
+        let base = instance.idmap_base?;
+        Some(self.own_idmap.unwrap_or(IdMap {
             host_uid: base,
             host_gid: base,
             size: IDMAP_SIZE,
-        });
-        spec.network = self.network_of(instance)?;
-        Ok(spec)
+        }))
     }
 
     fn network_of(&self, instance: &Instance) -> Result<NetworkMode, ApiError> {
@@ -143,12 +202,13 @@ impl ContainerBackend {
         })
     }
 
-    /// /etc/hosts names the instance, written into the upper dir before the rootfs is
-    /// mounted (the image's stays untouched), owned by the container's root.
+    /// /etc/hosts (and a system container's /etc/hostname) name the instance, written into
+    /// the upper dir before the rootfs is mounted (the image's stay untouched), owned by
+    /// the container's root.
     fn write_hosts(&self, instance: &Instance) -> Result<(), ApiError> {
         let address = instance.address.as_deref().and_then(|a| a.parse().ok());
         let etc = self.dir(&instance.name).join("upper/etc");
-        let owner = instance.idmap_base;
+        let owner = self.idmap(instance).map(|m| m.host_uid);
         let io =
             |e: std::io::Error| ApiError::internal(format!("write {}/hosts: {e}", etc.display()));
         if !etc.exists() {
@@ -157,13 +217,19 @@ impl ContainerBackend {
                 .map_err(io)?;
             std::os::unix::fs::chown(&etc, owner, owner).map_err(io)?;
         }
-        let hosts = etc.join("hosts");
-        std::fs::write(
-            &hosts,
+        let mut files = vec![(
+            etc.join("hosts"),
             ltv_containers::network::hosts_file(&instance.name, address),
-        )
-        .map_err(io)?;
-        std::os::unix::fs::chown(&hosts, owner, owner).map_err(io)?;
+        )];
+        if instance.kind == Kind::System && !etc.join("hostname").exists() {
+            // Its init sets the hostname from here, as on a machine; written once, as
+            // LXD's templates do, so a change made inside persists.
+            files.push((etc.join("hostname"), format!("{}\n", instance.name)));
+        }
+        for (path, text) in files {
+            std::fs::write(&path, text).map_err(io)?;
+            std::os::unix::fs::chown(&path, owner, owner).map_err(io)?;
+        }
         Ok(())
     }
 
@@ -288,6 +354,32 @@ impl ContainerBackend {
             additional_gids: vec![],
             tty,
         })
+    }
+}
+
+/// Unprivileged system containers may run containers themselves (an app container in a
+/// system container), through their own `ltv daemon`.
+fn nests(instance: &Instance) -> bool {
+    instance.kind == Kind::System && instance.idmap_base.is_some()
+}
+
+/// Our user namespace's uid range from 0, when we run in one that is not the host's.
+fn own_idmap() -> Option<IdMap> {
+    let map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+    let first: Vec<u64> = map
+        .lines()
+        .next()?
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    match first[..] {
+        [0, 0, 4294967295] => None,
+        [0, _, size] => Some(IdMap {
+            host_uid: 0,
+            host_gid: 0,
+            size: size.min(u32::MAX as u64) as u32,
+        }),
+        _ => None,
     }
 }
 
@@ -446,7 +538,7 @@ impl Backend for ContainerBackend {
         tty: bool,
     ) -> Result<Started, ApiError> {
         let process = self.main_process(instance, image, tty)?;
-        let spec = self.spec(instance, image, process)?;
+        let spec = self.spec(instance, image, process).await?;
         self.write_hosts(instance)?;
         if matches!(spec.network, NetworkMode::Bridge { .. }) {
             // A veth of this instance's previous run that is still being deleted.
@@ -519,7 +611,7 @@ impl Backend for ContainerBackend {
             req.cwd.as_deref(),
             req.tty,
         )?;
-        let spec = self.spec(instance, image, process.clone())?;
+        let spec = self.spec(instance, image, process.clone()).await?;
         let started = blocking(move || process::exec(&spec, pid, &process, stdio))
             .await?
             .map_err(runtime_error)?;
@@ -527,6 +619,73 @@ impl Backend for ContainerBackend {
             pid: started.pid,
             start_time: started.start_time,
         })
+    }
+
+    async fn nested_daemon(
+        &self,
+        instance: &Instance,
+        image: &Image,
+        pid: i32,
+        start: bool,
+    ) -> Result<Client, ApiError> {
+        if !nests(instance) {
+            return Err(ApiError::bad_request(format!(
+                "{:?} is {} and cannot hold instances: only unprivileged system containers and microVMs can",
+                instance.name,
+                if instance.kind == Kind::App { "an app container" } else { "a privileged system container" }
+            )));
+        }
+        // Through the container's root: the socket lives in its mount namespace.
+        let client = Client::new(format!("/proc/{pid}/root/{NESTED_SOCKET}"));
+        let answers = |c: Client| async move { c.get::<ServerInfo>("/1.0").await.is_ok() };
+        if answers(client.clone()).await || !start {
+            return Ok(client);
+        }
+        let lock = self
+            .nested_starts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(instance.name.clone())
+            .or_default()
+            .clone();
+        let _starting = lock.lock().await;
+        if answers(client.clone()).await {
+            return Ok(client);
+        }
+        let log = self.dir(&instance.name).join("nested-daemon.log");
+        let stdio = crate::daemon::pio::detached(&log)
+            .map_err(|e| ApiError::internal(format!("open {}: {e}", log.display())))?;
+        let req = ExecPost {
+            command: vec![super::bundle::GUEST_LTV.into(), "daemon".into()],
+            env: vec![],
+            cwd: None,
+            tty: false,
+            stdin: false,
+        };
+        let started = self.exec(instance, image, pid, &req, stdio).await?;
+        // Our child (the exec helper); it ends with the daemon.
+        let exited = tokio::spawn(crate::daemon::reaper::wait(started.pid));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline && !exited.is_finished() {
+            if answers(client.clone()).await {
+                tracing::info!(instance = %instance.name, "nested daemon started");
+                return Ok(client);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if !exited.is_finished() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(started.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let tail = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+        Err(ApiError::internal(format!(
+            "the daemon inside {:?} did not start; its log ends: {}",
+            instance.name,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )))
     }
 
     async fn update_limits(&self, instance: &Instance) -> Result<(), ApiError> {

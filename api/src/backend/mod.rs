@@ -1,6 +1,7 @@
 //! One `Backend` per instance kind. Handlers and the instance service only talk to this
 //! trait; the container and VM runtimes sit behind it.
 
+pub mod bundle;
 pub mod container;
 pub mod rootdisk;
 pub mod vm;
@@ -71,6 +72,22 @@ pub trait Backend: Send + Sync {
     /// exec, power-off and guest facts are forwarded there.
     fn agent(&self, _instance: &Instance) -> Option<crate::client::Client> {
         None
+    }
+    /// The daemon that owns the instances nested in this running one: a system container's
+    /// own `ltv daemon` (with `start`, started on first use), a microVM's guest agent.
+    async fn nested_daemon(
+        &self,
+        instance: &Instance,
+        _image: &Image,
+        _pid: i32,
+        _start: bool,
+    ) -> Result<crate::client::Client, ApiError> {
+        Err(ApiError::bad_request(format!(
+            "{:?} is {} {} instance and cannot hold instances: only unprivileged system containers and microVMs can",
+            instance.name,
+            if instance.kind == crate::types::Kind::App { "an" } else { "a" },
+            instance.kind.as_str()
+        )))
     }
     /// The daemon is stopping: free what the backend holds for itself (instances stay).
     async fn shutdown(&self) {}

@@ -1,35 +1,48 @@
 //! A microVM's root disk: an ext4 image made from the instance's image with `mkfs.ext4 -d`
-//! (no loop mounts), plus the `ltv` binary as the guest's `/init` and agent, written into
-//! the image with `debugfs` so the image store is never touched.
+//! (no loop mounts), plus our bundle (`ltv` and its libraries, see `bundle.rs`) as the
+//! guest's `/init` and agent, written into the image with `debugfs` so the image store is
+//! never touched.
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// Where the guest finds us; `/init` points here.
-pub const GUEST_LTV: &str = "/.ltv/ltv";
+pub use super::bundle::GUEST_LTV;
 
 /// Free space the guest gets on top of what the image uses.
 const HEADROOM: u64 = 512 << 20;
 
-/// Builds `out` (sparse) from `rootfs`; on failure nothing is left at `out`.
-pub fn build(rootfs: &Path, out: &Path, hostname: &str) -> io::Result<()> {
+/// Builds `out` (sparse) from `rootfs` and `bundle`; on failure nothing is left at `out`.
+pub fn build(rootfs: &Path, out: &Path, hostname: &str, bundle: &Path) -> io::Result<()> {
     let tmp = out.with_extension("img.tmp");
-    let result = build_at(rootfs, &tmp, hostname).and_then(|()| std::fs::rename(&tmp, out));
+    let result = build_at(rootfs, &tmp, hostname, bundle).and_then(|()| std::fs::rename(&tmp, out));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
 }
 
-fn build_at(rootfs: &Path, img: &Path, hostname: &str) -> io::Result<()> {
+fn build_at(rootfs: &Path, img: &Path, hostname: &str, bundle: &Path) -> io::Result<()> {
     let used = du_bytes(rootfs)?;
-    let exe = std::fs::read_link("/proc/self/exe")?;
-    let libs = shared_libraries()?;
-    let extra: u64 = std::iter::once(exe.clone())
-        .chain(libs.iter().map(PathBuf::from))
-        .filter_map(|p| std::fs::metadata(p).ok())
+    let files: Vec<(String, PathBuf)> = std::fs::read_dir(bundle.join("lib"))?
+        .map(|e| {
+            let e = e?;
+            let guest = format!(
+                "{}/lib/{}",
+                super::bundle::GUEST_DIR,
+                e.file_name().to_string_lossy()
+            );
+            Ok((guest, e.path()))
+        })
+        .chain(std::iter::once(Ok((
+            GUEST_LTV.to_string(),
+            bundle.join("ltv"),
+        ))))
+        .collect::<io::Result<_>>()?;
+    let extra: u64 = files
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
     // ext4 metadata and the journal need room too: 20 % over the data.
@@ -40,30 +53,13 @@ fn build_at(rootfs: &Path, img: &Path, hostname: &str) -> io::Result<()> {
         .arg(rootfs)
         .arg(img))?;
 
-    // Our own binary, stripped: debug info is tens of MB the guest would page in for nothing.
-    let stripped = img.with_extension("ltv");
-    let ok = Command::new("strip")
-        .arg("--strip-all")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(&exe)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        std::fs::copy(&exe, &stripped)?;
-    }
     let hostname_file = img.with_extension("hostname");
     std::fs::write(&hostname_file, format!("{hostname}\n"))?;
-
     let mut script = Script::default();
-    script.put(rootfs, GUEST_LTV, &stripped);
-    script.cmd(format!("symlink /init {GUEST_LTV}"));
-    for lib in &libs {
-        // The loader and libraries at the paths the binary asks for, through the image's
-        // own symlinks (/lib64 -> usr/lib64 on merged-/usr systems).
-        script.put(rootfs, lib, &std::fs::canonicalize(lib)?);
+    for (guest, host) in &files {
+        script.put(rootfs, guest, host);
     }
+    script.cmd(format!("symlink /init {GUEST_LTV}"));
     script.put(rootfs, "/etc/hostname", &hostname_file);
     for d in [
         "/proc", "/sys", "/dev", "/run", "/tmp", "/var/lib", "/var/log",
@@ -71,7 +67,6 @@ fn build_at(rootfs: &Path, img: &Path, hostname: &str) -> io::Result<()> {
         script.mkdirs(rootfs, d);
     }
     let result = debugfs(img, &script.0);
-    let _ = std::fs::remove_file(&stripped);
     let _ = std::fs::remove_file(&hostname_file);
     result
 }
@@ -207,48 +202,6 @@ fn du_bytes(dir: &Path) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other(format!("du {}: no size", dir.display())))
 }
 
-/// Every shared object mapped into this process, and its program interpreter.
-fn shared_libraries() -> io::Result<Vec<String>> {
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
-    let mut libs: Vec<String> = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|p| {
-            p.starts_with('/')
-                && Path::new(p)
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().contains(".so"))
-        })
-        .map(String::from)
-        .collect();
-    if let Some(interp) = interpreter(&std::fs::read("/proc/self/exe")?) {
-        libs.push(interp);
-    }
-    libs.sort();
-    libs.dedup();
-    Ok(libs)
-}
-
-/// PT_INTERP of a 64-bit little-endian ELF, e.g. `/lib64/ld-linux-x86-64.so.2`.
-fn interpreter(elf: &[u8]) -> Option<String> {
-    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
-    if elf.get(..5)? != b"\x7fELF\x02" {
-        return None;
-    }
-    let phoff = u64_at(0x20)? as usize;
-    let (phentsize, phnum) = (u16_at(0x36)? as usize, u16_at(0x38)? as usize);
-    (0..phnum).find_map(|i| {
-        let ph = phoff + i * phentsize;
-        if u32::from_le_bytes(elf.get(ph..ph + 4)?.try_into().ok()?) != libc::PT_INTERP {
-            return None;
-        }
-        let (off, size) = (u64_at(ph + 8)? as usize, u64_at(ph + 32)? as usize);
-        let raw = elf.get(off..off + size)?;
-        Some(String::from_utf8_lossy(raw.split(|b| *b == 0).next()?).into_owned())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,14 +220,6 @@ mod tests {
     }
 
     #[test]
-    fn our_interpreter_is_found() {
-        let exe = std::fs::read("/proc/self/exe").unwrap();
-        let interp = interpreter(&exe);
-        // Static builds have none; dynamic ones name the loader.
-        assert!(interp.is_none_or(|i| i.starts_with('/') && i.contains("ld")));
-    }
-
-    #[test]
     fn builds_an_ext4_disk_with_us_as_init() {
         if !Path::new("/usr/sbin/debugfs").exists() && !Path::new("/sbin/debugfs").exists() {
             eprintln!("skipped: e2fsprogs (mkfs.ext4, debugfs) is not installed");
@@ -287,7 +232,12 @@ mod tests {
         std::fs::write(root.join("etc/hostname"), "old\n").unwrap();
         symlink("usr/lib64", root.join("lib64")).unwrap();
         let img = dir.path().join("disk.img");
-        build(&root, &img, "vm-test").unwrap();
+        if Command::new("patchelf").arg("--version").output().is_err() {
+            eprintln!("skipped: patchelf is not installed (./dev installs it)");
+            return;
+        }
+        let bundle = super::super::bundle::ensure(&dir.path().join("bundle")).unwrap();
+        build(&root, &img, "vm-test", &bundle).unwrap();
         let cat = |p: &str| {
             let o = Command::new("debugfs")
                 .args(["-R", &format!("cat {p}")])

@@ -33,6 +33,8 @@ pub struct VmBackend {
     flavour: Flavour,
     /// The bridge each VM's TAP joins, as the containers' veths do.
     bridge: Option<BridgeConfig>,
+    /// `<state>/bundle`: our binary and libraries for the guest's disk.
+    bundle_cache: PathBuf,
 }
 
 impl VmBackend {
@@ -41,8 +43,10 @@ impl VmBackend {
         images_dir: PathBuf,
         kernel: Option<PathBuf>,
         bridge: Option<BridgeConfig>,
+        bundle_cache: PathBuf,
     ) -> Self {
         VmBackend {
+            bundle_cache,
             instances_dir,
             images_dir,
             kernel,
@@ -362,9 +366,11 @@ impl Backend for VmBackend {
         let dir = self.dir(&instance.name);
         let rootfs = self.images_dir.join(&image.fingerprint).join("rootfs");
         let name = instance.name.clone();
+        let cache = self.bundle_cache.clone();
         blocking(move || {
             std::fs::create_dir_all(&dir)?;
-            super::rootdisk::build(&rootfs, &dir.join("disk.img"), &name)
+            let bundle = super::bundle::ensure(&cache)?;
+            super::rootdisk::build(&rootfs, &dir.join("disk.img"), &name, &bundle)
         })
         .await?
         .map_err(|e| ApiError::internal(format!("build the root disk: {e}")))
@@ -445,6 +451,17 @@ impl Backend for VmBackend {
 
     fn agent(&self, instance: &Instance) -> Option<Client> {
         Some(self.agent_client(&instance.name))
+    }
+
+    /// The agent is the guest's daemon: it holds the VM's nested instances too.
+    async fn nested_daemon(
+        &self,
+        instance: &Instance,
+        _image: &Image,
+        _pid: i32,
+        _start: bool,
+    ) -> Result<Client, ApiError> {
+        Ok(self.agent_client(&instance.name))
     }
 
     async fn delete(&self, instance: &Instance) -> Result<(), ApiError> {

@@ -8,8 +8,8 @@ use super::{pio, reaper, Daemon};
 use crate::stream::{write_frame, Frame, UPGRADE_PROTOCOL};
 use crate::types::*;
 use axum::body::Body;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
-use axum::http::{header, request::Parts, HeaderMap, StatusCode};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::{header, request::Parts, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -46,6 +46,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/1.0/images/{alias}", axum::routing::delete(image_delete))
         .route("/1.0/operations", get(operations_list))
         .fallback(|| async { ApiError::not_found("no such API endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            super::nested::forward_paths,
+        ))
         .with_state(daemon)
 }
 
@@ -89,7 +93,7 @@ impl StdioUpgrade {
     }
 }
 
-fn switching_protocols() -> Response {
+pub(super) fn switching_protocols() -> Response {
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
@@ -145,11 +149,65 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
-#[utoipa::path(get, path = "/1.0/instances", responses((status = 200, body = [Instance])))]
-async fn instances_list(State(d): D) -> Result<Json<Vec<Instance>>, ApiError> {
+#[derive(serde::Deserialize)]
+struct InstancesQuery {
+    /// `tree`: each instance with what is nested in it, recursively.
+    #[serde(default)]
+    recursion: Option<String>,
+    /// List what is inside this instance (a path) instead of ours.
+    #[serde(default)]
+    parent: Option<String>,
+}
+
+/// Our instances; `?parent=PATH` lists inside an instance, `?recursion=tree` nests the
+/// instances inside each one under `children`, named by full path.
+#[utoipa::path(get, path = "/1.0/instances",
+    params(("recursion" = Option<String>, Query, description = "tree"), ("parent" = Option<String>, Query)),
+    responses((status = 200, body = [Instance]), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn instances_list(
+    State(d): D,
+    headers: HeaderMap,
+    Query(q): Query<InstancesQuery>,
+) -> Result<Response, ApiError> {
+    let tree = q.recursion.as_deref() == Some("tree");
+    if let Some(parent) = q.parent.filter(|p| !p.is_empty()) {
+        // What is inside `parent`: its daemon's list, one level down per hop.
+        let (first, below) = match parent.split_once('/') {
+            Some((f, b)) => (f.to_string(), Some(b.to_string())),
+            None => (parent.clone(), None),
+        };
+        let mut query = vec![];
+        if tree {
+            query.push("recursion=tree".to_string());
+        }
+        if let Some(b) = below {
+            query.push(format!(
+                "parent={}",
+                percent_encoding::utf8_percent_encode(&b, percent_encoding::NON_ALPHANUMERIC)
+            ));
+        }
+        let uri = format!("/1.0/instances?{}", query.join("&"));
+        return d
+            .forward(
+                &first,
+                Method::GET,
+                &uri,
+                &headers,
+                Default::default(),
+                None,
+            )
+            .await;
+    }
+    if tree {
+        return Ok(Json(d.instance_tree().await?).into_response());
+    }
     Ok(Json(
-        d.db.instances()?.into_iter().map(|r| r.instance).collect(),
-    ))
+        d.db.instances()?
+            .into_iter()
+            .map(|r| r.instance)
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
 }
 
 /// Creates an instance; with `start` it runs detached, with `attach` the connection is
@@ -160,8 +218,12 @@ async fn instances_list(State(d): D) -> Result<Json<Vec<Instance>>, ApiError> {
 async fn instances_post(
     State(d): D,
     upgrade: StdioUpgrade,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<InstancesPost>,
 ) -> Result<Response, ApiError> {
+    if super::nested::nested_parent(&req).is_some() {
+        return d.create_nested(&req, &headers, upgrade.0).await;
+    }
     let Some(attach) = req.attach.clone() else {
         let instance = d.create_instance(&req).await?;
         if req.start {
@@ -394,15 +456,34 @@ async fn images_list(State(d): D) -> Result<Json<Vec<Image>>, ApiError> {
     Ok(Json(d.db.images()?))
 }
 
+#[derive(serde::Deserialize)]
+struct UploadQuery {
+    #[serde(default)]
+    alias: Option<String>,
+}
+
 /// Builds or imports an image. With `Accept: application/x-ndjson` the answer is a stream
-/// of `ProgressEvent`s ending in `done` or `error`; otherwise one JSON answer.
+/// of `ProgressEvent`s ending in `done` or `error`; otherwise one JSON answer. A body of
+/// type `application/x-tar` is an upload: a tar of an OCI layout, named by `?alias=`.
 #[utoipa::path(post, path = "/1.0/images", request_body = ImagesPost,
     responses((status = 201, body = Image), (status = 400, body = ErrorBody)))]
 async fn images_post(
     State(d): D,
     headers: HeaderMap,
-    ApiJson(req): ApiJson<ImagesPost>,
+    Query(q): Query<UploadQuery>,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if content_type == Some(crate::client::IMAGE_ARCHIVE) {
+        let alias = q
+            .alias
+            .ok_or_else(|| ApiError::bad_request("an image upload needs ?alias=NAME"))?;
+        let image = d.upload_image(alias, request.into_body()).await?;
+        return Ok((StatusCode::CREATED, Json(image)).into_response());
+    }
+    let ApiJson(req) = ApiJson::<ImagesPost>::from_request(request, &()).await?;
     let streaming = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

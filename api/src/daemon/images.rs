@@ -41,6 +41,42 @@ fn default_alias(req: &ImagesPost) -> Result<String, ApiError> {
 }
 
 impl Daemon {
+    /// Imports an uploaded image archive, spooled to a file under the state dir first.
+    pub async fn upload_image(
+        self: &Arc<Self>,
+        alias: String,
+        body: axum::body::Body,
+    ) -> Result<Image, ApiError> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        validate_name(&alias).map_err(|e| ApiError::bad_request(format!("alias: {e}")))?;
+        let dir = self.config.state_dir.join("uploads");
+        let io = |e: std::io::Error| {
+            ApiError::internal(format!("spool upload in {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let spool = tempfile::Builder::new()
+            .suffix(".tar")
+            .tempfile_in(&dir)
+            .map_err(io)?;
+        let mut file = tokio::fs::File::from_std(spool.reopen().map_err(io)?);
+        let mut chunks = body.into_data_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::bad_request(format!("upload cut short: {e}")))?;
+            file.write_all(&chunk).await.map_err(io)?;
+        }
+        file.flush().await.map_err(io)?;
+        let req = ImagesPost {
+            alias: Some(alias),
+            source: ImageSource::Import {
+                path: spool.path().display().to_string(),
+            },
+        };
+        // The spool goes when `spool` drops, whatever the import did.
+        self.add_image(req, ChannelProgress(None)).await
+    }
+
     /// Builds or imports an image and records its alias. Blocking work runs off the runtime.
     pub async fn add_image(
         self: &Arc<Self>,

@@ -34,7 +34,7 @@ impl Daemon {
         })
     }
 
-    fn instance_image(&self, instance: &Instance) -> Result<Image, ApiError> {
+    pub(super) fn instance_image(&self, instance: &Instance) -> Result<Image, ApiError> {
         // By fingerprint (64 hex digits, never an alias): the alias may since point elsewhere.
         self.db.image(&instance.image_fingerprint)?.ok_or_else(|| {
             ApiError::internal(format!(
@@ -83,6 +83,7 @@ impl Daemon {
             idmap_base: None,
             address: None,
             usage: None,
+            children: vec![],
         };
         let t = std::time::Instant::now();
         backend.validate(&instance, &image)?;
@@ -276,6 +277,7 @@ impl Daemon {
             return Ok(());
         };
         let backend = self.backend(instance.kind)?;
+        self.stop_nested(&instance, force).await?;
         if !force {
             backend.signal_stop(&instance, pid, false).await?;
             if self.wait_exit(name, timeout).await {

@@ -5,6 +5,7 @@ pub mod error;
 pub mod handlers;
 pub mod images;
 pub mod instances;
+pub mod nested;
 pub mod pio;
 pub mod reaper;
 
@@ -68,8 +69,8 @@ impl Daemon {
         // In the daemon's own network namespace (a test's, or the host's).
         let bridge = match &config.bridge {
             None => Err("the daemon runs without a bridge (--bridge none)".to_string()),
-            Some(b) => match ltv_containers::network::ensure_bridge(b) {
-                Ok(()) => Ok(b.clone()),
+            Some(b) => match ltv_containers::network::ensure_bridge(&default_subnet_free(b)) {
+                Ok(()) => Ok(default_subnet_free(b)),
                 Err(e) => {
                     tracing::error!("bridge {}: {e}; instances get loopback only", b.name);
                     Err(format!("bridge {} is unavailable: {e}", b.name))
@@ -84,6 +85,7 @@ impl Daemon {
             config.cgroup_root.clone(),
             config.pool_size,
             bridge.as_ref().ok().cloned(),
+            state.join("bundle"),
         ));
         backends.insert(Kind::App, containers.clone());
         backends.insert(Kind::System, containers);
@@ -94,6 +96,7 @@ impl Daemon {
                 images.root().to_path_buf(),
                 config.kernel.clone(),
                 bridge.as_ref().ok().cloned(),
+                state.join("bundle"),
             )),
         );
         Ok(Arc::new(Daemon {
@@ -130,6 +133,16 @@ impl Daemon {
     fn lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(name.to_string()).or_default().clone()
+    }
+}
+
+/// The default subnet moves aside when another interface routes it (a nested daemon
+/// inside an instance on its parent's bridge); a subnet the user chose stays.
+fn default_subnet_free(b: &BridgeConfig) -> BridgeConfig {
+    if b.subnet == BridgeConfig::default().subnet {
+        ltv_containers::network::avoid_routed_subnets(b)
+    } else {
+        b.clone()
     }
 }
 

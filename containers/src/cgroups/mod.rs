@@ -71,6 +71,9 @@ pub trait CgroupManager: Send + Sync {
     /// Remove the group's directories; a missing group is fine.
     fn remove(&self) -> std::io::Result<()>;
     fn exists(&self) -> bool;
+    /// Lets `uid:gid` (a container's root) manage sub-groups of the group: what LXC and
+    /// systemd call delegation. The group's own limits stay out of its reach.
+    fn delegate(&self, uid: u32, gid: u32) -> std::io::Result<()>;
     /// The group's cgroup v2 directory, where a process can be cloned straight into
     /// (CLONE_INTO_CGROUP); `None` for v1.
     fn v2_dir(&self) -> Option<std::path::PathBuf> {

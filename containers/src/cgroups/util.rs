@@ -71,6 +71,30 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
     }
 }
 
+/// Hands `dir` and its `files` to `uid:gid`, so that they may create sub-groups and move
+/// processes between them, while the group's own limit files stay root's.
+pub fn delegate(dir: &Path, files: &[&str], uid: u32, gid: u32) -> Result<()> {
+    let own = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| ctx(e, "chown", p))
+    };
+    own(dir)?;
+    for f in files {
+        let p = dir.join(f);
+        if p.exists() {
+            own(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether we run in a user namespace other than the initial one, where the kernel refuses
+/// some cgroup v1 writes (device rules) that only the host's root may make.
+pub fn in_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map")
+        .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+        .unwrap_or(false)
+}
+
 /// SIGKILLs every listed process (ESRCH ignored).
 pub fn kill_pids(pids: &[i32]) {
     for &p in pids {

@@ -128,7 +128,9 @@ impl V1Manager {
                 }
             }
         }
-        if h.has("devices") {
+        // In a delegated group (we are a nested daemon) only the host's root may write
+        // device rules; a new group inherits its parent's, which the host set.
+        if h.has("devices") && !util::in_user_namespace() {
             let d = self.dir(h)?;
             util::write(&d.join("devices.deny"), "a")?;
             for rule in DEVICE_ALLOW {
@@ -280,6 +282,13 @@ impl CgroupManager for V1Manager {
     fn remove(&self) -> Result<()> {
         for h in &self.hierarchies {
             util::remove_tree(&self.dir(h)?)?;
+        }
+        Ok(())
+    }
+
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        for h in &self.hierarchies {
+            util::delegate(&self.dir(h)?, &["cgroup.procs", "tasks"], uid, gid)?;
         }
         Ok(())
     }

@@ -129,6 +129,11 @@ impl CgroupManager for V2Manager {
         util::write(&self.dir()?.join("cgroup.procs"), &pid.to_string())
     }
 
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        let files = ["cgroup.procs", "cgroup.threads", "cgroup.subtree_control"];
+        util::delegate(&self.dir()?, &files, uid, gid)
+    }
+
     fn apply(&self, limits: &Limits) -> Result<()> {
         let d = self.dir()?;
         let mem = limits

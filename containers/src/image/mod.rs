@@ -6,6 +6,8 @@
 
 mod busybox;
 mod debian;
+mod export;
+pub use export::INIT_LABEL;
 mod fsutil;
 mod layer;
 mod oci;

@@ -532,7 +532,11 @@ fn parse_config(data: &[u8]) -> Result<(ImageConfig, Vec<String>), Error> {
         env: strings(c, "Env")?,
         working_dir: string(c, "WorkingDir")?,
         user: string(c, "User")?,
-        init: None,
+        // Our own exports carry a system container's init (see export.rs).
+        init: c
+            .pointer(&format!("/Labels/{}", super::INIT_LABEL.replace('/', "~1")))
+            .and_then(Value::as_str)
+            .map(String::from),
     };
     Ok((config, diff_ids))
 }

@@ -333,7 +333,49 @@ pub fn ensure_bridge(cfg: &BridgeConfig) -> Result<(), Error> {
     nl.set_link(index, None, true)
         .map_err(nl_err(format!("bringing {name} up"), HOST_NS))?;
     enable_ip_forward();
-    nat::setup(cfg)
+    // Instances still reach each other without NAT (e.g. a nested daemon in an image
+    // that has neither nft nor iptables).
+    if let Err(e) = nat::setup(cfg) {
+        tracing::warn!("{name}: no NAT to the outside: {e}");
+    }
+    Ok(())
+}
+
+/// `cfg`, or the first following /24 (or /prefix) block when its subnet overlaps a route
+/// of another interface: a nested daemon's default subnet would shadow its parent's.
+pub fn avoid_routed_subnets(cfg: &BridgeConfig) -> BridgeConfig {
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let taken: Vec<(u32, u32)> = routes
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 8 || f[0] == cfg.name {
+                return None;
+            }
+            // Little-endian hex, as the kernel prints them.
+            let dest = u32::from_be(u32::from_str_radix(f[1], 16).ok()?);
+            let mask = u32::from_be(u32::from_str_radix(f[7], 16).ok()?);
+            (mask != 0).then_some((dest, mask))
+        })
+        .collect();
+    let mut out = cfg.clone();
+    let step = 1u32 << (32 - cfg.subnet.prefix());
+    for _ in 0..256 {
+        let net = u32::from(out.subnet.network());
+        let mask = u32::from(out.subnet.netmask());
+        if !taken
+            .iter()
+            .any(|(d, m)| (net & m) == *d || (d & mask) == net)
+        {
+            return out;
+        }
+        match Ipv4Subnet::new(Ipv4Addr::from(net.wrapping_add(step)), cfg.subnet.prefix()) {
+            Ok(s) => out.subnet = s,
+            Err(_) => break,
+        }
+    }
+    cfg.clone()
 }
 
 /// Turns on IPv4 forwarding if it is off and the sysctl is writable (it may be read-only).
