@@ -335,7 +335,9 @@ pub async fn run(cli: Cli) -> i32 {
                 // Every fork costs on an emulated guest kernel: no spare helpers.
                 pool_size: 0,
                 kernel: None,
-                bridge: None,
+                // For the containers nested in the VM; its subnet moves aside from the
+                // one the VM itself is on.
+                bridge: Some(ltv_containers::network::BridgeConfig::default()),
                 vsock_port: Some(crate::daemon::agent::AGENT_VSOCK_PORT),
             };
             serve_daemon(config).await

@@ -406,3 +406,79 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// One level of a nesting chain: its path and kind (`app`, `system`, `vm`).
+pub type Level<'a> = (&'a str, &'a str);
+
+/// Checks each level of a chain such as `vm1`, `vm1/sys1`, `vm1/sys1/app1` (outermost
+/// first) from inside, through exec: its hostname is its own name; its kernel is the host's
+/// unless a microVM is on the way; each level has a pid namespace of its own; its root is a
+/// mapped id (a top-level container's an
+/// unprivileged host uid, a nested one's the same ids as its parent's); and a file written
+/// at the innermost level is seen at no other level, nor on the host.
+pub fn check_chain(d: &TestDaemon, chain: &[Level]) {
+    let host_kernel = nix_uname_release();
+    let marker = format!("/tmp/ltv-chain-marker-{}", std::process::id());
+    let (innermost, _) = chain.last().expect("a chain");
+    d.ok(&[
+        "exec",
+        innermost,
+        "--",
+        "sh",
+        "-c",
+        &format!("echo inside > {marker}"),
+    ]);
+    let mut in_vm = false;
+    let mut pid_namespaces: Vec<(bool, String)> = vec![];
+    for (i, (path, kind)) in chain.iter().enumerate() {
+        let script = format!(
+            "hostname; uname -r; readlink /proc/self/ns/pid; cat /proc/self/uid_map; cat {marker} 2>/dev/null || echo absent"
+        );
+        let out = d.ok(&["exec", path, "--", "sh", "-c", &script]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines.len() >= 5, "{path}: {out}");
+        let name = path.rsplit('/').next().unwrap();
+        assert_eq!(lines[0], name, "{path}: hostname");
+        in_vm |= *kind == "vm";
+        assert_eq!(
+            lines[1] != host_kernel,
+            in_vm,
+            "{path}: kernel {} (host {host_kernel})",
+            lines[1]
+        );
+        // Namespace ids only compare within one kernel.
+        let ns = (in_vm, lines[2].to_string());
+        assert!(
+            !pid_namespaces.contains(&ns),
+            "{path}: pid namespace {} of a level above",
+            lines[2]
+        );
+        pid_namespaces.push(ns);
+        let map: Vec<u64> = lines[3]
+            .split_whitespace()
+            .map(|f| f.parse().unwrap())
+            .collect();
+        match *kind {
+            "vm" => assert_eq!(map, [0, 0, 4294967295], "{path}: a VM's root is its own"),
+            _ if i == 0 || chain[i - 1].1 == "vm" => {
+                assert!(map[1] >= 1_000_000 && map[2] == 65536, "{path}: {map:?}")
+            }
+            _ => assert_eq!(map, [0, 0, 65536], "{path}: within its parent's range"),
+        }
+        let expect = if i == chain.len() - 1 {
+            "inside"
+        } else {
+            "absent"
+        };
+        assert_eq!(lines[4], expect, "{path}: the innermost level's file");
+    }
+    assert!(
+        !Path::new(&marker).exists(),
+        "the innermost level's file is on the host"
+    );
+}
+
+fn nix_uname_release() -> String {
+    let out = Command::new("uname").arg("-r").output().expect("uname");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -17,6 +17,10 @@ const GUEST_LIB: &str = "/.ltv/lib";
 /// The bundle for the running binary under `cache`, built on first use: `<cache>/<key>`
 /// holding `ltv` and `lib/`. The key changes whenever our binary does.
 pub fn ensure(cache: &Path) -> io::Result<PathBuf> {
+    // We already are a bundle (a nested daemon, a guest agent): hand down our own.
+    if interpreter_of_self()?.is_some_and(|i| i.starts_with(GUEST_LIB)) {
+        return Ok(PathBuf::from(GUEST_DIR));
+    }
     let meta = std::fs::metadata("/proc/self/exe")?;
     let key = format!(
         "{:x}-{:x}-{:x}",
