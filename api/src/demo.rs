@@ -2,8 +2,9 @@
 //! client as the CLI, showing each capability that works so far. It leaves nothing behind.
 
 use crate::cli::{add_image_with_progress, stream_stdio};
-use crate::client::{Client, ClientError};
+use crate::client::{instance_url, Client, ClientError};
 use crate::daemon::{self, DaemonConfig};
+use crate::stream::{read_frame, Frame};
 use crate::types::*;
 use hyper::Method;
 use std::time::{Duration, Instant};
@@ -147,10 +148,215 @@ async fn exec(client: &Client, name: &str, command: &[&str]) -> Result<i32, Clie
         command: command.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
-    let up = client
-        .upgrade(&format!("/1.0/instances/{name}/exec"), &body)
-        .await?;
+    let up = client.upgrade(&instance_url(name, "/exec"), &body).await?;
     Ok(stream_stdio(up, false, false).await)
+}
+
+/// `ltv exec`, its stdout kept; a failed command is an error.
+async fn exec_output(client: &Client, name: &str, command: &[&str]) -> Result<String, ClientError> {
+    let body = ExecPost {
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut up = client.upgrade(&instance_url(name, "/exec"), &body).await?;
+    let mut out = Vec::new();
+    let failed = |message: String| ClientError {
+        status: None,
+        message: format!("exec in {name}: {message}"),
+    };
+    loop {
+        match read_frame(&mut up).await {
+            Ok(Some(Frame::Stdout(b))) => out.extend_from_slice(&b),
+            Ok(Some(Frame::Exit(0))) => return Ok(String::from_utf8_lossy(&out).into_owned()),
+            Ok(Some(Frame::Exit(code))) => return Err(failed(format!("exit code {code}"))),
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(failed("the stream ended early".into())),
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    }
+}
+
+/// One row of the nesting table.
+struct Level {
+    path: &'static str,
+    kind: Kind,
+    what: &'static str,
+}
+
+const LEVELS: &[Level] = &[
+    Level {
+        path: "app1",
+        kind: Kind::App,
+        what: "app",
+    },
+    Level {
+        path: "sys1",
+        kind: Kind::System,
+        what: "system",
+    },
+    Level {
+        path: "sys1/app1",
+        kind: Kind::App,
+        what: "app in system",
+    },
+    Level {
+        path: "vm1",
+        kind: Kind::Vm,
+        what: "microVM",
+    },
+    Level {
+        path: "vm1/sys1",
+        kind: Kind::System,
+        what: "system in VM",
+    },
+    Level {
+        path: "vm1/sys1/app1",
+        kind: Kind::App,
+        what: "app in system in VM",
+    },
+];
+
+/// Every kind and nesting level side by side, the same command in each, and what each
+/// costs and shares, measured.
+async fn levels(client: &Client, info: &ServerInfo) -> Result<(), ClientError> {
+    step("Every kind and nesting level, side by side");
+    let vms = info.kinds.contains(&Kind::Vm);
+    if !vms {
+        println!("(no usable /dev/kvm here: the microVM levels are left out)");
+    } else if info.kvm == "pvm" {
+        println!("(kvm-pvm host: guest kernel code is emulated, so a microVM takes a minute or more to boot here, and its agent may fail: see the README)");
+    }
+    let mut ready: Vec<(&Level, Result<Duration, String>)> = Vec::new();
+    for level in LEVELS.iter().filter(|l| vms || !l.path.starts_with("vm")) {
+        let parent_failed = ready
+            .iter()
+            .any(|(l, r)| r.is_err() && level.path.starts_with(&format!("{}/", l.path)));
+        if parent_failed {
+            ready.push((level, Err("its parent failed".into())));
+            continue;
+        }
+        let kind = level.kind.as_str();
+        let command = if level.kind == Kind::App {
+            " -- sleep 3600"
+        } else {
+            ""
+        };
+        shell(&format!(
+            "ltv launch busybox {} --kind {kind}{command}",
+            level.path
+        ));
+        let config = InstanceConfig {
+            command: if level.kind == Kind::App {
+                vec!["sleep".into(), "3600".into()]
+            } else {
+                vec![]
+            },
+            memory: (level.kind == Kind::Vm).then(|| "256MiB".into()),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let result = launch(client, level.path, level.kind, config).await;
+        let elapsed = t.elapsed();
+        match result {
+            Ok(_) => {
+                println!("{} ready in {:.2} s", level.path, elapsed.as_secs_f64());
+                ready.push((level, Ok(elapsed)));
+            }
+            Err(e) => {
+                println!("{} failed: {e}", level.path);
+                ready.push((level, Err(e.message)));
+            }
+        }
+    }
+    let script = "echo \"$(hostname): kernel $(uname -r), pid ns $(readlink /proc/self/ns/pid)\"";
+    let mut kernels = std::collections::HashMap::new();
+    let mut failed: Vec<&str> = ready
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(l, _)| l.path)
+        .collect();
+    for (level, r) in &ready {
+        if r.is_err() {
+            continue;
+        }
+        shell(&format!("ltv exec {} -- sh -c '{script}'", level.path));
+        match exec_output(client, level.path, &["sh", "-c", script]).await {
+            Ok(out) => {
+                print!("{out}");
+                let kernel = out
+                    .split("kernel ")
+                    .nth(1)
+                    .and_then(|k| k.split(',').next());
+                kernels.insert(level.path, kernel.unwrap_or("?").to_string());
+            }
+            Err(e) => {
+                println!("{e}");
+                failed.push(level.path);
+            }
+        }
+    }
+    // Memory and pid namespace depth as each level's daemon measures them.
+    let tree: Vec<Instance> = client.get("/1.0/instances?recursion=tree").await?;
+    let mut all = Vec::new();
+    let mut stack: Vec<Instance> = tree;
+    while let Some(mut i) = stack.pop() {
+        stack.append(&mut i.children);
+        all.push(i);
+    }
+    println!(
+        "\n{:<15} {:<20} {:>8} {:>10} {:<20} {:>6} {:>13}",
+        "LEVEL", "WHAT", "READY", "MEMORY", "KERNEL", "PID NS", "HOST KERNEL"
+    );
+    for (level, r) in &ready {
+        let usage = all
+            .iter()
+            .find(|i| i.name == level.path)
+            .and_then(|i| i.usage.clone());
+        let kernel = kernels
+            .get(level.path)
+            .cloned()
+            .unwrap_or_else(|| "-".into());
+        let (time, shared) = match r {
+            Ok(t) => (
+                format!("{:.2} s", t.as_secs_f64()),
+                if kernel == info.kernel && !level.path.starts_with("vm") {
+                    "shared"
+                } else {
+                    "own"
+                },
+            ),
+            Err(_) => ("failed".to_string(), "-"),
+        };
+        println!(
+            "{:<15} {:<20} {:>8} {:>10} {:<20} {:>6} {:>13}",
+            level.path,
+            level.what,
+            time,
+            usage
+                .as_ref()
+                .map(|u| format_size(u.memory_bytes))
+                .unwrap_or_else(|| "-".into()),
+            kernel,
+            usage
+                .and_then(|u| u.pid_ns_depth)
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into()),
+            shared
+        );
+    }
+    println!("MEMORY: a container's cgroup, a microVM's VMM process on the host; a nested level's is part of its parent's.");
+    println!("PID NS: pid namespaces between the level's kernel and its processes.");
+    if !failed.is_empty() {
+        let known = info.kvm == "pvm" && failed.iter().all(|p| p.starts_with("vm"));
+        if !known {
+            return Err(ClientError {
+                status: None,
+                message: format!("failed at {}", failed.join(", ")),
+            });
+        }
+        println!("The microVM levels failed on this kvm-pvm host: a known problem of its emulation (README, \"microVMs on kvm-pvm hosts\"); on hardware KVM they must not.");
+    }
+    Ok(())
 }
 
 fn sh(script: &str) -> Vec<String> {
@@ -315,6 +521,8 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
             )
             .await?;
     }
+
+    levels(client, &info).await?;
 
     step("Start latency");
     let mut samples = Vec::new();

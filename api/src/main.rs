@@ -40,7 +40,8 @@ fn main() {
         cli.command,
         Command::Daemon { .. } | Command::Agent { .. } | Command::Demo
     );
-    init_tracing(daemonish);
+    // The demo's embedded daemon keeps its info lines out of the show.
+    init_tracing(daemonish && !matches!(cli.command, Command::Demo));
     if !daemonish {
         // A CLI piped into `head` ends quietly, as other tools do, instead of panicking
         // on a write to the closed pipe (Rust ignores SIGPIPE by default).

@@ -163,6 +163,11 @@ pub struct Usage {
     pub memory_limit_bytes: Option<u64>,
     pub pids: u64,
     pub cpu_time_ns: u64,
+    /// Pid namespaces between its kernel's root and its main process: 1 for a container
+    /// on the host, 2 for one nested in a container, 0 for a microVM (its own kernel).
+    /// Measured by each daemon on the way down for its own level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_ns_depth: Option<u32>,
     /// A microVM's own view, from its guest agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestFacts>,

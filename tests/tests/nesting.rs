@@ -75,6 +75,12 @@ fn app_in_system_container_through_one_api() {
             .all(|c| c["status"] == "Running" && c["usage"]["memory_bytes"].as_u64() > Some(0)),
         "{tree}"
     );
+    // Pid namespace depth, each level measured by the daemon that owns it.
+    assert_eq!(tree[0]["usage"]["pid_ns_depth"], 1, "{tree}");
+    assert!(
+        children.iter().all(|c| c["usage"]["pid_ns_depth"] == 2),
+        "{tree}"
+    );
     let listed = d.ok(&["list", "--tree"]);
     assert!(
         listed.contains("  sys1/app1") && listed.contains("app"),

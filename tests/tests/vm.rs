@@ -2,7 +2,7 @@
 //! project kernel from a root disk with `ltv` as `/init` and agent. Boots are slow on
 //! kvm-pvm hosts (a minute or more), so there are only two, in one test.
 
-use ltv_e2e::{require_root, stderr, TestDaemon};
+use ltv_e2e::{check_chain, require_root, stderr, TestDaemon};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -148,6 +148,80 @@ fn assert_killed_vmm_left_nothing(d: &TestDaemon, name: &str, pid: i32) {
 
 /// Launches a 256 MiB busybox microVM, prints how long it took to a running agent, and
 /// returns the instance, asserted Running.
+/// A daemon for tests that talk to the guest agent a lot, or `None` (the reason printed)
+/// where that cannot work yet.
+fn daemon_for_agent_tests() -> Option<TestDaemon> {
+    // PVM hosts under load take a minute or more per boot.
+    let d = TestDaemon::start_with_env(&[("LTV_VM_BOOT_TIMEOUT", "400")]);
+    let (_, host) = d.api_json("GET", "/1.0", None);
+    if host["kvm"] == "pvm" && std::env::var_os("LTV_TEST_PVM_AGENT").is_none() {
+        eprintln!(
+            "skipped: on kvm-pvm hosts the guest agent still crashes after a few requests \
+             (guest memory goes wrong under the host's emulation; README, \"microVMs on \
+             kvm-pvm hosts\"); set LTV_TEST_PVM_AGENT=1 to run it anyway. \
+             vm_boots_on_its_disk_joins_the_bridge_and_cleans_up covers what holds here."
+        );
+        return None;
+    }
+    Some(d)
+}
+
+/// The whole chain: an app container in a system container in a microVM, one API.
+#[test]
+fn app_in_system_container_in_a_microvm() {
+    require_root!();
+    if !kvm_usable() || cached_kernel().is_none() {
+        eprintln!("skipped: no usable /dev/kvm, or no guest kernel in the cache");
+        return;
+    }
+    let Some(d) = daemon_for_agent_tests() else {
+        return;
+    };
+    d.build_busybox();
+    launch_vm(&d, "vm1");
+    // The image goes down with the requests; nothing to do by hand.
+    d.ok(&["launch", "busybox", "vm1/sys1"]);
+    d.ok(&[
+        "launch",
+        "busybox",
+        "vm1/sys1/app1",
+        "--kind",
+        "app",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    check_chain(
+        &d,
+        &[
+            ("vm1", "vm"),
+            ("vm1/sys1", "system"),
+            ("vm1/sys1/app1", "app"),
+        ],
+    );
+    let (status, tree) = d.api_json("GET", "/1.0/instances?recursion=tree", None);
+    assert_eq!(status, 200, "{tree}");
+    assert_eq!(tree[0]["children"][0]["name"], "vm1/sys1", "{tree}");
+    assert_eq!(
+        tree[0]["children"][0]["children"][0]["name"], "vm1/sys1/app1",
+        "{tree}"
+    );
+    let (status, v) = d.api_json(
+        "POST",
+        "/1.0/instances",
+        Some(r#"{"name":"vm1/vm2","kind":"vm","image":"busybox","config":{},"start":true}"#),
+    );
+    assert_eq!(status, 400, "no nested KVM in the guest: {v}");
+    let out = d.ltv(&["delete", "vm1"]);
+    assert!(!out.status.success(), "a running VM with running children");
+    d.ok(&["delete", "--force", "vm1"]);
+    assert_nothing_left(&d, "vm1");
+    assert!(
+        !in_netns(&d, &["link", "show"]).contains("ltvt"),
+        "TAP removed"
+    );
+}
+
 fn launch_vm(d: &TestDaemon, name: &str) -> serde_json::Value {
     let t = Instant::now();
     d.ok(&[
@@ -185,19 +259,11 @@ fn vm_runs_commands_keeps_its_disk_talks_to_containers_and_stops_cleanly() {
         eprintln!("skipped: no guest kernel in the cache (run guest-kernel/build.sh)");
         return;
     }
-    // PVM hosts under load take a minute or more per boot.
-    let d = TestDaemon::start_with_env(&[("LTV_VM_BOOT_TIMEOUT", "400")]);
+    let Some(d) = daemon_for_agent_tests() else {
+        return;
+    };
     let (_, host) = d.api_json("GET", "/1.0", None);
     let kvm = host["kvm"].as_str().unwrap().to_string();
-    if kvm == "pvm" && std::env::var_os("LTV_TEST_PVM_AGENT").is_none() {
-        eprintln!(
-            "skipped: on kvm-pvm hosts the guest agent still crashes after a few requests \
-             (guest memory goes wrong under the host's emulation; README, \"microVMs on \
-             kvm-pvm hosts\"); set LTV_TEST_PVM_AGENT=1 to run it anyway. \
-             vm_boots_on_its_disk_joins_the_bridge_and_cleans_up covers what holds here."
-        );
-        return;
-    }
     d.build_busybox();
 
     let v = launch_vm(&d, "vm1");

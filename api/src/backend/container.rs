@@ -202,7 +202,7 @@ impl ContainerBackend {
         })
     }
 
-    /// /etc/hosts (and a system container's /etc/hostname) name the instance, written into
+    /// /etc/hosts and /etc/hostname name the instance, written into
     /// the upper dir before the rootfs is mounted (the image's stay untouched), owned by
     /// the container's root.
     fn write_hosts(&self, instance: &Instance) -> Result<(), ApiError> {
@@ -221,9 +221,9 @@ impl ContainerBackend {
             etc.join("hosts"),
             ltv_containers::network::hosts_file(&instance.name, address),
         )];
-        if instance.kind == Kind::System && !etc.join("hostname").exists() {
-            // Its init sets the hostname from here, as on a machine; written once, as
-            // LXD's templates do, so a change made inside persists.
+        if !etc.join("hostname").exists() {
+            // A system container's init sets the hostname from here, as on a machine;
+            // written once, as LXD's templates do, so a change made inside persists.
             files.push((etc.join("hostname"), format!("{}\n", instance.name)));
         }
         for (path, text) in files {
@@ -361,6 +361,13 @@ impl ContainerBackend {
 /// system container), through their own `ltv daemon`.
 fn nests(instance: &Instance) -> bool {
     instance.kind == Kind::System && instance.idmap_base.is_some()
+}
+
+/// How many pid namespaces below ours `pid` is: its `NSpid` has one entry per level.
+fn pid_ns_depth(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    Some(line.split_whitespace().count().checked_sub(2)? as u32)
 }
 
 /// Our user namespace's uid range from 0, when we run in one that is not the host's.
@@ -710,6 +717,7 @@ impl Backend for ContainerBackend {
             memory_limit_bytes: stats.memory_limit,
             pids: stats.pids,
             cpu_time_ns: stats.cpu_usage_ns,
+            pid_ns_depth: instance.pid.and_then(pid_ns_depth),
             guest: None,
         })
     }

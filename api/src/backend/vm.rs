@@ -517,6 +517,7 @@ impl Backend for VmBackend {
             memory_limit_bytes: memory_limit,
             pids: 1,
             cpu_time_ns: ticks * (1_000_000_000 / hz),
+            pid_ns_depth: Some(0),
             guest,
         })
     }

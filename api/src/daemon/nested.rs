@@ -85,11 +85,17 @@ pub fn nested_parent(req: &InstancesPost) -> Option<(String, Option<String>)> {
     }
 }
 
-/// Names in a nested daemon's answer are its own; ours put the level in front.
-fn prefix_names(v: &mut serde_json::Value, level: &str) {
+/// Names in a nested daemon's answer are its own; ours put the level in front. Its pid
+/// namespace depths count from its own namespace; ours add the level's `depth`.
+fn prefix_names(v: &mut serde_json::Value, level: &str, depth: u64) {
     match v {
-        serde_json::Value::Array(items) => items.iter_mut().for_each(|i| prefix_names(i, level)),
+        serde_json::Value::Array(items) => {
+            items.iter_mut().for_each(|i| prefix_names(i, level, depth))
+        }
         serde_json::Value::Object(o) if o.contains_key("kind") && o.contains_key("status") => {
+            if let Some(d) = o.get_mut("usage").and_then(|u| u.get_mut("pid_ns_depth")) {
+                *d = (d.as_u64().unwrap_or(0) + depth).into();
+            }
             if let Some(serde_json::Value::String(n)) = o.get_mut("name") {
                 *n = format!("{level}/{n}");
             }
@@ -99,7 +105,7 @@ fn prefix_names(v: &mut serde_json::Value, level: &str) {
             };
             o.insert("parent".into(), parent.into());
             if let Some(children) = o.get_mut("children") {
-                prefix_names(children, level);
+                prefix_names(children, level, depth);
             }
         }
         _ => {}
@@ -129,6 +135,26 @@ impl Daemon {
         let backend = self.backend(instance.kind)?;
         let image = self.instance_image(&instance)?;
         backend.nested_daemon(&instance, &image, pid, start).await
+    }
+
+    /// The pid namespace depth of our instance `level`, as its usage measures it.
+    async fn pid_ns_depth_of(&self, level: &str) -> u64 {
+        let Ok(row) = self.instance_row(level) else {
+            return 0;
+        };
+        let Ok(backend) = self.backend(row.instance.kind) else {
+            return 0;
+        };
+        if row.instance.kind == crate::types::Kind::Vm {
+            // A fresh kernel; and no agent round trip for it.
+            return 0;
+        }
+        backend
+            .usage(&row.instance)
+            .await
+            .and_then(|u| u.pid_ns_depth)
+            .unwrap_or(0)
+            .into()
     }
 
     /// Sends a request on to the daemon inside `level` and relays its answer, an upgraded
@@ -202,7 +228,7 @@ impl Daemon {
         }
         let mut v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("in {level}: {e}")))?;
-        prefix_names(&mut v, level);
+        prefix_names(&mut v, level, self.pid_ns_depth_of(level).await);
         Ok((status, Json(v)).into_response())
     }
 
@@ -359,7 +385,8 @@ impl Daemon {
                 .unwrap_or(row.instance);
             let mut children = serde_json::to_value(self.nested_instances(&instance, true).await)
                 .expect("serializable");
-            prefix_names(&mut children, &name);
+            let depth = instance.usage.as_ref().and_then(|u| u.pid_ns_depth);
+            prefix_names(&mut children, &name, depth.unwrap_or(0).into());
             instance.children = serde_json::from_value(children).unwrap_or_default();
             out.push(instance);
         }
@@ -394,13 +421,15 @@ mod tests {
             "name": "app1", "kind": "app", "status": "Running", "parent": null,
             "children": [{"name": "sys1/x", "kind": "app", "status": "Running", "parent": "sys1"}]
         }]);
-        prefix_names(&mut v, "vm1");
+        v[0]["usage"] = serde_json::json!({"pid_ns_depth": 1});
+        prefix_names(&mut v, "vm1", 2);
+        assert_eq!(v[0]["usage"]["pid_ns_depth"], 3);
         assert_eq!(v[0]["name"], "vm1/app1");
         assert_eq!(v[0]["parent"], "vm1");
         assert_eq!(v[0]["children"][0]["name"], "vm1/sys1/x");
         assert_eq!(v[0]["children"][0]["parent"], "vm1/sys1");
         let mut err = serde_json::json!({"error": "x", "code": 404});
-        prefix_names(&mut err, "vm1");
+        prefix_names(&mut err, "vm1", 2);
         assert_eq!(err, serde_json::json!({"error": "x", "code": 404}));
     }
 }
