@@ -81,35 +81,103 @@ pub fn overlay_options(spec: &RootfsSpec) -> String {
 /// get a rootfs made later. With a user namespace, the image layers are idmapped and the
 /// upper dir is given to the container's root.
 pub fn detached_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::AsRawFd;
     for d in [&spec.upperdir, &spec.workdir, &spec.mountpoint] {
         std::fs::create_dir_all(d).map_err(|e| err(format!("create {}", d.display()), e))?;
     }
-    // The layer fds must stay open until fsconfig has taken them.
-    let mut layer_fds = Vec::new();
     // An identity map (a nested daemon sharing its own range) needs no shifted layers; the
     // kernel would refuse them anyway on a filesystem the host mounted.
-    let idmap = idmap.filter(|m| m.host_uid != 0 || m.host_gid != 0);
-    let lower: Vec<String> = match idmap {
-        None => spec
+    let Some(m) = idmap.filter(|m| m.host_uid != 0 || m.host_gid != 0) else {
+        let lower: Vec<String> = spec
             .lowerdirs
             .iter()
             .map(|p| p.display().to_string())
-            .collect(),
-        Some(m) => {
-            std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
-                .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
-            let userns = crate::namespaces::userns_for(m)
-                .map_err(|e| err("user namespace for idmapped mounts".into(), e))?;
-            for l in &spec.lowerdirs {
-                layer_fds.push(idmapped_clone(l, &userns)?);
-            }
-            layer_fds
-                .iter()
-                .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()))
-                .collect()
-        }
+            .collect();
+        return overlay_from(&lower, spec);
     };
+    std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
+        .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
+    let userns = crate::namespaces::userns_for(m)
+        .map_err(|e| err("user namespace for idmapped mounts".into(), e))?;
+    let layer_fds = spec
+        .lowerdirs
+        .iter()
+        .map(|l| idmapped_clone(l, &userns))
+        .collect::<Result<Vec<_>>>()?;
+    if !DETACHED_LAYERS_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+        let lower: Vec<String> = layer_fds
+            .iter()
+            .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .collect();
+        match overlay_from(&lower, spec) {
+            // The kernel logs "failed to clone lowerpath" only to dmesg.
+            Err(e)
+                if e.kind() == ErrorKind::InvalidInput
+                    && e.to_string().contains("overlay create") =>
+            {
+                tracing::info!(
+                    "this kernel's overlayfs takes no detached layers: attaching them first"
+                );
+                DETACHED_LAYERS_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+    overlay_on_attached_layers(&layer_fds, spec)
+}
+
+/// Kernels before 6.15 refuse detached mounts as overlay layers (clone_private_mount
+/// wants them in our mount namespace); known after the first refusal.
+static DETACHED_LAYERS_REFUSED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Makes idmapped layers go the way older kernels need (tests use it to cover that path on
+/// a newer kernel).
+#[doc(hidden)]
+pub fn attach_layers_first(on: bool) {
+    DETACHED_LAYERS_REFUSED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The overlay over idmapped layers attached for the moment in a private mount namespace
+/// of a thread of our own: nothing shows in the host's mount table, and the attachments
+/// go with that namespace when the thread ends (the overlay keeps its own clones).
+fn overlay_on_attached_layers(layers: &[OwnedFd], spec: &RootfsSpec) -> Result<OwnedFd> {
+    let parent = spec.upperdir.parent().unwrap_or(Path::new("/"));
+    let dirs: Vec<PathBuf> = (0..layers.len())
+        .map(|i| parent.join(format!(".layer-{i}")))
+        .collect();
+    let result = std::thread::scope(|s| {
+        s.spawn(|| -> Result<OwnedFd> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+                .map_err(|e| nix_err("unshare a mount namespace for the layers".into(), e))?;
+            mnt(
+                None,
+                Path::new("/"),
+                None,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None,
+            )?;
+            for (fd, dir) in layers.iter().zip(&dirs) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| err(format!("create {}", dir.display()), e))?;
+                attach_detached(fd, dir)?;
+            }
+            let lower: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            overlay_from(&lower, spec)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::other("the layer thread panicked")))
+    });
+    for d in &dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+    result
+}
+
+/// An overlay of `lower` (paths, topmost first) under the spec's upper and work dirs, as
+/// a detached mount.
+fn overlay_from(lower: &[String], spec: &RootfsSpec) -> Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
     let cstr = |s: &str| {
         std::ffi::CString::new(s)
             .map_err(|_| Error::new(ErrorKind::InvalidInput, "NUL in overlay option"))
@@ -136,7 +204,15 @@ pub fn detached_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<Owne
         // SAFETY: fsconfig on our fs context with valid (or null) C strings.
         let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), cmd, kptr, vptr, 0) };
         if r < 0 {
-            return Err(err(format!("overlay {key}"), Error::last_os_error()));
+            let e = Error::last_os_error();
+            // The kernel says why in the context's log; an errno alone rarely does.
+            let why = fs_context_log(&fs);
+            let key = if why.is_empty() {
+                key.to_string()
+            } else {
+                format!("{key} ({why})")
+            };
+            return Err(err(format!("overlay {key}"), e));
         }
         Ok(())
     };
@@ -150,7 +226,6 @@ pub fn detached_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<Owne
     if m < 0 {
         return Err(err("fsmount overlay".into(), Error::last_os_error()));
     }
-    drop(layer_fds);
     // SAFETY: m was just returned by fsmount.
     Ok(unsafe { OwnedFd::from_raw_fd(m as i32) })
 }
@@ -534,6 +609,24 @@ impl CgroupMounts {
         }
         Ok(CgroupMounts { v2, v1: list })
     }
+}
+
+/// The messages a filesystem context logged (`e overlayfs: ...`), joined.
+fn fs_context_log(fs: &OwnedFd) -> String {
+    use std::os::fd::AsRawFd;
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 1024];
+    // Each read returns one message; ENODATA once none is left.
+    for _ in 0..16 {
+        // SAFETY: read into a buffer we own from an fd we own.
+        let n = unsafe { libc::read(fs.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        let msg = String::from_utf8_lossy(&buf[..n as usize]);
+        lines.push(msg.get(2..).unwrap_or(&msg).trim().to_string());
+    }
+    lines.join("; ")
 }
 
 /// A view of the container's own cgroup (we are in its cgroup namespace), so programs can

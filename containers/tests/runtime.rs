@@ -31,6 +31,10 @@ fn main() {
         ),
         ("missing_command_cleans_up", missing_command_cleans_up),
         ("user_namespace", user_namespace),
+        (
+            "user_namespace_on_attached_layers",
+            user_namespace_on_attached_layers,
+        ),
         ("nesting_profile", nesting_profile),
         ("tty", tty),
         ("cgroup_v2_on_real_mount", cgroup_v2_on_real_mount),
@@ -473,6 +477,41 @@ fn user_namespace(env: &Env) {
     assert!(out.contains("wrote"), "{out}");
     // Idmapped image layers: host-root files are root's inside.
     assert!(out.contains("bb=0:0") && out.contains("etcok"), "{out}");
+    process::destroy(&spec).expect("destroy");
+    assert_gone(&spec);
+}
+
+/// Kernels before 6.15 take idmapped layers only once attached (in a private mount
+/// namespace of ours): the same container works that way, and leaves no mount behind.
+fn user_namespace_on_attached_layers(env: &Env) {
+    ltv_containers::rootfs::attach_layers_first(true);
+    let mut spec = env.spec(
+        "attached-layers",
+        &[
+            "sh",
+            "-c",
+            "echo bb=$(stat -c %u:%g /bin/busybox); echo x > /etc/new && echo etcok",
+        ],
+    );
+    spec.idmap = Some(IdMap {
+        host_uid: 210000,
+        host_gid: 210000,
+        size: 65536,
+    });
+    let (io, r) = stdio();
+    let started = process::start(&spec, io, None);
+    ltv_containers::rootfs::attach_layers_first(false);
+    let s = started.expect("start on attached layers");
+    assert_eq!(wait(s.pid), 0);
+    let out = read_all(r);
+    assert!(out.contains("bb=0:0") && out.contains("etcok"), "{out}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(".layer-"),
+        "a layer stayed attached: {mounts}"
+    );
+    let dir = spec.rootfs.upperdir.parent().unwrap().join(".layer-0");
+    assert!(!dir.exists(), "{} left", dir.display());
     process::destroy(&spec).expect("destroy");
     assert_gone(&spec);
 }
