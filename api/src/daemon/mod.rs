@@ -77,6 +77,12 @@ impl Daemon {
                 }
             },
         };
+        // Nested in a container: its cgroup was delegated to us.
+        if let Err(e) = ltv_containers::cgroups::claim_delegated_root() {
+            tracing::warn!(
+                "cgroup delegated to us: {e}; our containers get no limits of their own"
+            );
+        }
         let mut backends: HashMap<Kind, Arc<dyn Backend>> = HashMap::new();
         // One runtime serves both container kinds; the kind decides the first process.
         let containers: Arc<dyn Backend> = Arc::new(ContainerBackend::new(

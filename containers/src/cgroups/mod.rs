@@ -104,6 +104,15 @@ pub fn manager(path: &str) -> Box<dyn CgroupManager> {
     }
 }
 
+/// A daemon nested in a container makes its delegated cgroup usable for its own
+/// containers (v2 only needs it; see [`v2::claim_delegated_root`]).
+pub fn claim_delegated_root() -> std::io::Result<()> {
+    if Layout::detect() != Layout::V2 || !util::in_user_namespace() {
+        return Ok(());
+    }
+    v2::claim_delegated_root(std::path::Path::new("/sys/fs/cgroup"))
+}
+
 /// CFS quota for `cpus` CPUs over `period_us`, clamped to the kernel's 1 ms minimum.
 pub fn cpu_quota_us(cpus: f64, period_us: u64) -> Option<u64> {
     if !cpus.is_finite() || cpus <= 0.0 {

@@ -126,7 +126,7 @@ impl CgroupManager for V2Manager {
     }
 
     fn add_process(&self, pid: i32) -> Result<()> {
-        util::write(&self.dir()?.join("cgroup.procs"), &pid.to_string())
+        util::write(&self.join_dir()?.join("cgroup.procs"), &pid.to_string())
     }
 
     fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
@@ -211,8 +211,55 @@ impl CgroupManager for V2Manager {
     }
 
     fn v2_dir(&self) -> Option<PathBuf> {
-        self.dir().ok()
+        self.join_dir().ok()
     }
+}
+
+impl V2Manager {
+    /// Where new processes of the group go: `init` once the daemon inside a delegated
+    /// group has moved its processes there (see [`claim_delegated_root`]); a group with
+    /// controllers enabled for its children may hold no process itself.
+    fn join_dir(&self) -> Result<PathBuf> {
+        let d = self.dir()?;
+        let delegated = std::fs::read_to_string(d.join("cgroup.subtree_control"))
+            .is_ok_and(|c| !c.trim().is_empty());
+        Ok(if delegated && d.join(INIT_LEAF).is_dir() {
+            d.join(INIT_LEAF)
+        } else {
+            d
+        })
+    }
+}
+
+/// The leaf that a delegated group's own processes move to.
+const INIT_LEAF: &str = "init";
+
+/// Run by a daemon inside a container whose group was delegated to it (`root`, its
+/// cgroup namespace's root): v2 lets a group enable controllers for its children only
+/// once it holds no process, so the container's processes move to `init` (as systemd
+/// does with init.scope), and our controllers are enabled for the groups we make.
+pub fn claim_delegated_root(root: &Path) -> Result<()> {
+    let leaf = root.join(INIT_LEAF);
+    match std::fs::create_dir(&leaf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(ctx(e, "mkdir", &leaf)),
+    }
+    // Processes may fork meanwhile: a few rounds until none is left.
+    for _ in 0..20 {
+        let procs = util::read_procs(&root.join("cgroup.procs"))?;
+        if procs.is_empty() {
+            return V2Manager::enable_controllers(root);
+        }
+        for pid in procs {
+            // One that exited meanwhile is fine.
+            let _ = util::write(&leaf.join("cgroup.procs"), &pid.to_string());
+        }
+    }
+    Err(Error::other(format!(
+        "{} keeps getting new processes",
+        root.display()
+    )))
 }
 
 fn parse_usage_usec(stat: &str) -> Option<u64> {
@@ -291,6 +338,26 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         // Unlimited needs no controller.
         m.apply(&Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn a_claimed_group_takes_new_processes_in_its_init_leaf() {
+        let t = tempfile::tempdir().unwrap();
+        let g = t.path().join("g");
+        touch(&g.join("cgroup.procs"), "");
+        touch(&g.join("cgroup.controllers"), "cpu memory pids\n");
+        touch(&g.join("cgroup.subtree_control"), "");
+        let m = V2Manager::new(t.path(), "g");
+        assert_eq!(m.v2_dir(), Some(g.clone()), "not claimed yet");
+        claim_delegated_root(&g).unwrap();
+        assert!(g.join("init").is_dir());
+        let enabled = std::fs::read_to_string(g.join("cgroup.subtree_control")).unwrap();
+        assert_eq!(enabled, "+cpu +memory +pids");
+        assert_eq!(m.v2_dir(), Some(g.join("init")));
+        // A group whose processes never leave is reported, not looped on forever.
+        touch(&g.join("cgroup.procs"), "42\n");
+        touch(&g.join("init/cgroup.procs"), "");
+        assert!(claim_delegated_root(&g).is_err());
     }
 
     #[test]
