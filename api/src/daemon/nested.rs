@@ -21,6 +21,8 @@ use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Uploads of an image that arrives damaged, in all.
+const UPLOAD_ATTEMPTS: u32 = 3;
 /// Request bodies forwarded to a nested daemon are small JSON documents.
 const MAX_FORWARDED_BODY: usize = 1 << 20;
 /// How long a listing waits for a nested daemon (a microVM's agent on kvm-pvm is slow).
@@ -110,6 +112,12 @@ fn prefix_names(v: &mut serde_json::Value, level: &str, depth: u64) {
         }
         _ => {}
     }
+}
+
+/// The import below refused the upload because a digest did not match its content.
+fn arrived_damaged(e: &crate::client::ClientError) -> bool {
+    e.status == Some(400)
+        && (e.message.contains("does not match") || e.message.contains("digest mismatch"))
 }
 
 fn unreachable(level: &str, e: crate::client::ClientError) -> ApiError {
@@ -306,10 +314,20 @@ impl Daemon {
             .map_err(|e| ApiError::internal(format!("export task: {e}")))?
             .map_err(|e| ApiError::internal(format!("export image {:?}: {e}", image.alias)))?;
         let t = std::time::Instant::now();
-        client
-            .upload_image(&image.alias, &tar)
-            .await
-            .map_err(|e| unreachable(level, e))?;
+        // The level below checks every digest. A transfer that fails that check is sent
+        // again, as apt does on a hash mismatch: on kvm-pvm hosts the guest agent's own
+        // memory goes wrong now and then (README), and vsock itself was checked intact.
+        let mut attempt = 1;
+        loop {
+            match client.upload_image(&image.alias, &tar).await {
+                Ok(_) => break,
+                Err(e) if attempt < UPLOAD_ATTEMPTS && arrived_damaged(&e) => {
+                    tracing::warn!(image = %image.alias, level, attempt, "the image arrived damaged, sending it again: {e}");
+                    attempt += 1;
+                }
+                Err(e) => return Err(unreachable(level, e)),
+            }
+        }
         tracing::info!(image = %image.alias, level, ms = t.elapsed().as_millis() as u64, "image handed down");
         Ok(())
     }
