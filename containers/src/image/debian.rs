@@ -1,4 +1,5 @@
-//! Debian images made with `debootstrap --variant=minbase`, from the host's own mirror.
+//! Debian images made with `debootstrap --variant=minbase`, from the host's own mirror,
+//! with sysvinit fitted to run as a system container's init.
 
 use super::{
     detect_init, io_err, DebianOptions, Error, ImageConfig, ImageInfo, ImageStore, Progress,
@@ -12,6 +13,34 @@ use std::sync::mpsc;
 
 pub const DEFAULT_SUITE: &str = "bookworm";
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// An init the user can choose with `--include`; without one the image gets sysvinit,
+/// which needs nothing from the host. (systemd 252 freezes in an unprivileged container on
+/// cgroup v1 hybrid: it cannot make /sys/fs/cgroup/{unified,systemd} there.)
+const INIT_PACKAGES: &[&str] = &["sysvinit-core", "systemd-sysv", "runit-init"];
+const DEFAULT_INIT: &str = "sysvinit-core";
+
+/// sysvinit's inittab for a container, after LXC's Debian template but without gettys
+/// (there is no console; `ltv exec` is the way in). SIGPWR, which `ltv stop` sends,
+/// halts through runlevel 0; Debian's own line runs a powerfail script it no longer ships.
+const INITTAB: &str = "\
+# Written by ltv for a system container.
+id:2:initdefault:
+si::sysinit:/etc/init.d/rcS
+l0:0:wait:/etc/init.d/rc 0
+l1:1:wait:/etc/init.d/rc 1
+l2:2:wait:/etc/init.d/rc 2
+l3:3:wait:/etc/init.d/rc 3
+l4:4:wait:/etc/init.d/rc 4
+l5:5:wait:/etc/init.d/rc 5
+l6:6:wait:/etc/init.d/rc 6
+ca:12345:ctrlaltdel:/sbin/shutdown -t1 -a -r now
+pf::powerwait:/sbin/init 0
+";
+
+/// Boot scripts for hardware a container does not have (LXC's template disables the
+/// same): no RTC, no backlight. Disabled with update-rc.d, so upgrades keep them off.
+const DISABLED_SERVICES: &[&str] = &["hwclock.sh", "brightness"];
 
 fn usable_suite(s: &str) -> bool {
     !s.ends_with("-security") && !s.ends_with("-updates") && !s.contains("/updates")
@@ -245,6 +274,9 @@ pub(super) fn build(
     if let Some(p) = include.iter().find(|p| bad_name(p)) {
         return Err(Error::Invalid(format!("bad package name {p:?}")));
     }
+    if !include.iter().any(|p| INIT_PACKAGES.contains(&p.as_str())) {
+        include.push(DEFAULT_INIT.into());
+    }
     include.sort();
     include.dedup();
     let mirror = match &opts.mirror {
@@ -379,8 +411,16 @@ pub(super) fn build(
     }
     sanitize_etc(&root)?;
     let packages = installed_packages(&root)?;
+    let sysvinit = packages.iter().any(|p| p.starts_with("sysvinit-core "));
+    if sysvinit {
+        configure_sysvinit(&root)?;
+    }
     let mut h = Sha256::new();
     h.update(format!("debian-minbase\0{suite}\0{}\0", include.join(",")).as_bytes());
+    if sysvinit {
+        h.update(INITTAB.as_bytes());
+        h.update(DISABLED_SERVICES.join(",").as_bytes());
+    }
     for p in &packages {
         h.update(p.as_bytes());
         h.update(b"\n");
@@ -409,6 +449,34 @@ pub(super) fn sanitize_etc(root: &Path) -> Result<(), Error> {
         // Replace rather than write through, in case it is a symlink.
         let _ = std::fs::remove_file(&p);
         std::fs::write(&p, content).map_err(io_err(format!("writing {name}")))?;
+    }
+    Ok(())
+}
+
+/// Fits sysvinit to a container: an inittab without consoles that halts on SIGPWR, and
+/// no boot scripts for absent hardware.
+fn configure_sysvinit(root: &Path) -> Result<(), Error> {
+    let p = root.join("etc/inittab");
+    let _ = std::fs::remove_file(&p);
+    std::fs::write(&p, INITTAB).map_err(io_err("writing etc/inittab"))?;
+    for name in DISABLED_SERVICES {
+        if !root.join("etc/init.d").join(name).exists() {
+            continue;
+        }
+        let out = Command::new("chroot")
+            .arg(root)
+            .args(["/usr/sbin/update-rc.d", name, "disable"])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::Tool(format!("chroot update-rc.d: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::Tool(format!(
+                "update-rc.d {name} disable failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
     }
     Ok(())
 }
