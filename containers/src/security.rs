@@ -52,6 +52,10 @@ const NESTING_DROPPED: &[Capability] = &[
 pub enum Profile {
     /// Docker's defaults: a few capabilities, no mounts or new namespaces.
     Default,
+    /// Docker's defaults plus `reboot()` (and CAP_SYS_BOOT), for a privileged system
+    /// container's init: in a pid namespace of its own, the kernel turns its halt into the
+    /// end of that namespace, as LXC relies on.
+    SystemInit,
     /// LXC's defaults for unprivileged containers, so it can run containers itself:
     /// every capability of its own user namespace but [`NESTING_DROPPED`], and only the
     /// syscalls that reach the host kernel's global state denied.
@@ -67,6 +71,7 @@ pub fn default_caps_mask() -> u64 {
 pub fn caps_mask(profile: Profile) -> u64 {
     match profile {
         Profile::Default => default_caps_mask(),
+        Profile::SystemInit => default_caps_mask() | Capability::CAP_SYS_BOOT.bitmask(),
         Profile::Nesting => caps::all()
             .iter()
             .filter(|c| !NESTING_DROPPED.contains(c))
@@ -233,7 +238,8 @@ fn nesting_denied_syscalls() -> Vec<i64> {
 /// strictest result. Built early so a failure shows up before the container is set up.
 pub fn seccomp(profile: Profile) -> Result<Vec<BpfProgram>, Error> {
     match profile {
-        Profile::Default => default_seccomp(),
+        Profile::Default => default_seccomp(&[]),
+        Profile::SystemInit => default_seccomp(&[libc::SYS_reboot]),
         Profile::Nesting => {
             let arch = arch()?;
             let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -262,11 +268,16 @@ fn deny_all(rules: &mut BTreeMap<i64, Vec<SeccompRule>>, syscalls: Vec<i64>) {
     }
 }
 
-fn default_seccomp() -> Result<Vec<BpfProgram>, Error> {
+/// Docker's filter, but for the syscalls in `allow`.
+fn default_seccomp(allow: &[i64]) -> Result<Vec<BpfProgram>, Error> {
     let b = |e: seccompiler::BackendError| Error::SeccompBuild(e.to_string());
     let arch = arch()?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    deny_all(&mut rules, denied_syscalls());
+    let denied = denied_syscalls()
+        .into_iter()
+        .filter(|nr| !allow.contains(nr))
+        .collect();
+    deny_all(&mut rules, denied);
     // clone() that creates namespaces: one rule per flag, ORed.
     let mut clone_rules = Vec::new();
     for f in CLONE_NS_FLAGS {
@@ -326,6 +337,14 @@ mod tests {
         // CapEff of a root process in a default Docker container.
         assert_eq!(default_caps_mask(), 0x00000000a80425fb);
         assert_eq!(caps_mask(Profile::Default), default_caps_mask());
+        assert_ne!(
+            caps_mask(Profile::SystemInit) & Capability::CAP_SYS_BOOT.bitmask(),
+            0
+        );
+        assert!(
+            seccomp(Profile::SystemInit).unwrap()[0].len()
+                < seccomp(Profile::Default).unwrap()[0].len()
+        );
         let nesting = caps_mask(Profile::Nesting);
         assert_ne!(nesting & Capability::CAP_SYS_ADMIN.bitmask(), 0);
         assert_eq!(nesting & Capability::CAP_SYS_MODULE.bitmask(), 0);

@@ -21,6 +21,10 @@ pub struct ContainerSpec {
     /// its own cgroup delegated to its root. Needs `idmap`.
     #[serde(default)]
     pub nesting: bool,
+    /// Its init halts with `reboot()` (a system container): allowed, as it only ends the
+    /// container's own pid namespace.
+    #[serde(default)]
+    pub init_may_reboot: bool,
     /// Host directories bind-mounted into the container.
     #[serde(default)]
     pub binds: Vec<Bind>,
@@ -28,10 +32,11 @@ pub struct ContainerSpec {
 
 impl ContainerSpec {
     pub fn profile(&self) -> crate::security::Profile {
-        if self.nesting {
-            crate::security::Profile::Nesting
-        } else {
-            crate::security::Profile::Default
+        use crate::security::Profile;
+        match (self.nesting, self.init_may_reboot) {
+            (true, _) => Profile::Nesting,
+            (false, true) => Profile::SystemInit,
+            (false, false) => Profile::Default,
         }
     }
 }

@@ -142,6 +142,7 @@ impl Env {
             network: NetworkMode::Loopback,
             idmap: None,
             nesting: false,
+            init_may_reboot: false,
             binds: vec![],
         };
         self.specs.lock().unwrap().push(s.clone());

@@ -83,6 +83,10 @@ fn system_container_runs_init_unprivileged_and_stops_cleanly() {
     assert!(v.get("idmap_base").is_none(), "{v}");
     assert_eq!(host_uid_of(v["pid"].as_i64().unwrap()), 0);
     assert!(d.ok(&["info", "priv"]).contains("Privileged: yes"));
+    // Its init halts by itself too: reboot() ends its own pid namespace (SIGINT, 130),
+    // where a kill after the timeout would give 137.
+    d.ok(&["stop", "priv", "--timeout", "8"]);
+    assert_eq!(d.instance("priv")["exit_code"], 130);
 
     for n in ["sys1", "sys2", "priv"] {
         d.ok(&["delete", "--force", n]);

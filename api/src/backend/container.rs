@@ -121,6 +121,7 @@ impl ContainerBackend {
             network: NetworkMode::Loopback,
             idmap: None,
             nesting: false,
+            init_may_reboot: false,
             binds: vec![],
         }
     }
@@ -137,6 +138,7 @@ impl ContainerBackend {
         spec.limits = limits_of(instance)?;
         spec.idmap = self.idmap(instance);
         spec.network = self.network_of(instance)?;
+        spec.init_may_reboot = instance.kind == Kind::System;
         if nests(instance) {
             let cache = self.bundle_cache.clone();
             let bundle = blocking(move || super::bundle::ensure(&cache))
