@@ -176,6 +176,24 @@ async fn exec_output(client: &Client, name: &str, command: &[&str]) -> Result<St
     }
 }
 
+/// A level's step, given up at `deadline`: a guest that hangs must not hang the demo.
+async fn bounded<T>(
+    deadline: tokio::time::Instant,
+    step: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout_at(deadline, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError {
+                status: None,
+                message: "no answer in the time the demo gives its levels".into(),
+            })
+        })
+}
+
+/// All levels together; a microVM level on a kvm-pvm host takes minutes, elsewhere seconds.
+const LEVELS_TIME: Duration = Duration::from_secs(20 * 60);
+
 /// One row of the nesting table.
 struct Level {
     path: &'static str,
@@ -226,6 +244,7 @@ async fn levels(client: &Client, info: &ServerInfo) -> Result<(), ClientError> {
     } else if info.kvm == "pvm" {
         println!("(kvm-pvm host: guest kernel code is emulated, so a microVM takes a minute or more to boot here, and its agent may fail: see the README)");
     }
+    let deadline = tokio::time::Instant::now() + LEVELS_TIME;
     let mut ready: Vec<(&Level, Result<Duration, String>)> = Vec::new();
     for level in LEVELS.iter().filter(|l| vms || !l.path.starts_with("vm")) {
         let parent_failed = ready
@@ -255,7 +274,7 @@ async fn levels(client: &Client, info: &ServerInfo) -> Result<(), ClientError> {
             ..Default::default()
         };
         let t = Instant::now();
-        let result = launch(client, level.path, level.kind, config).await;
+        let result = bounded(deadline, launch(client, level.path, level.kind, config)).await;
         let elapsed = t.elapsed();
         match result {
             Ok(_) => {
@@ -280,7 +299,12 @@ async fn levels(client: &Client, info: &ServerInfo) -> Result<(), ClientError> {
             continue;
         }
         shell(&format!("ltv exec {} -- sh -c '{script}'", level.path));
-        match exec_output(client, level.path, &["sh", "-c", script]).await {
+        match bounded(
+            deadline,
+            exec_output(client, level.path, &["sh", "-c", script]),
+        )
+        .await
+        {
             Ok(out) => {
                 print!("{out}");
                 let kernel = out
@@ -296,7 +320,9 @@ async fn levels(client: &Client, info: &ServerInfo) -> Result<(), ClientError> {
         }
     }
     // Memory and pid namespace depth as each level's daemon measures them.
-    let tree: Vec<Instance> = client.get("/1.0/instances?recursion=tree").await?;
+    let tree: Vec<Instance> = bounded(deadline, client.get("/1.0/instances?recursion=tree"))
+        .await
+        .unwrap_or_default();
     let mut all = Vec::new();
     let mut stack: Vec<Instance> = tree;
     while let Some(mut i) = stack.pop() {

@@ -25,6 +25,8 @@ use std::time::Duration;
 const UPLOAD_ATTEMPTS: u32 = 3;
 /// Request bodies forwarded to a nested daemon are small JSON documents.
 const MAX_FORWARDED_BODY: usize = 1 << 20;
+/// How long a forced stop waits for each nested instance to stop.
+const NESTED_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a listing waits for a nested daemon (a microVM's agent on kvm-pvm is slow).
 const NESTED_LIST_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -302,23 +304,24 @@ impl Daemon {
             ApiError::internal(format!("scratch dir in {}: {e}", exports.display()))
         })?;
         let tar = scratch.path().join("image.tar");
-        let (images, fp, alias, dir, out) = (
-            self.images.clone(),
-            image.fingerprint.clone(),
-            image.alias.clone(),
-            scratch.path().to_path_buf(),
-            tar.clone(),
-        );
-        tokio::task::spawn_blocking(move || images.export_oci(&fp, &alias, &out, &dir))
-            .await
-            .map_err(|e| ApiError::internal(format!("export task: {e}")))?
-            .map_err(|e| ApiError::internal(format!("export image {:?}: {e}", image.alias)))?;
         let t = std::time::Instant::now();
-        // The level below checks every digest. A transfer that fails that check is sent
-        // again, as apt does on a hash mismatch: on kvm-pvm hosts the guest agent's own
-        // memory goes wrong now and then (README), and vsock itself was checked intact.
+        // The level below checks every digest. An image that fails that check is exported
+        // and sent again, as apt fetches again on a hash mismatch: on kvm-pvm hosts a
+        // guest's own memory goes wrong now and then (README; vsock itself was checked
+        // intact), and the export may be what went wrong when the sender is a guest.
         let mut attempt = 1;
         loop {
+            let (images, fp, alias, dir, out) = (
+                self.images.clone(),
+                image.fingerprint.clone(),
+                image.alias.clone(),
+                scratch.path().to_path_buf(),
+                tar.clone(),
+            );
+            tokio::task::spawn_blocking(move || images.export_oci(&fp, &alias, &out, &dir))
+                .await
+                .map_err(|e| ApiError::internal(format!("export task: {e}")))?
+                .map_err(|e| ApiError::internal(format!("export image {:?}: {e}", image.alias)))?;
             match client.upload_image(&image.alias, &tar).await {
                 Ok(_) => break,
                 Err(e) if attempt < UPLOAD_ATTEMPTS && arrived_damaged(&e) => {
@@ -383,9 +386,17 @@ impl Daemon {
         };
         for child in running {
             let path = instance_url(&child.name, "/state");
-            if let Err(e) = client.call_raw(Method::PUT, &path, Some(&body)).await {
-                // The parent's own stop ends it anyway; its host-side resources go with it.
-                tracing::warn!(instance = %instance.name, child = %child.name, "stopping a nested instance: {e}");
+            let stop = client.call_raw(Method::PUT, &path, Some(&body));
+            // The parent's own stop ends it anyway, and what it held on our side with it:
+            // a level below that fails or hangs only costs this wait.
+            match tokio::time::timeout(NESTED_STOP_TIMEOUT, stop).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(instance = %instance.name, child = %child.name, "stopping a nested instance: {e}")
+                }
+                Err(_) => {
+                    tracing::warn!(instance = %instance.name, child = %child.name, "stopping a nested instance: no answer")
+                }
             }
         }
         Ok(())
