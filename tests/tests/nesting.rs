@@ -40,9 +40,28 @@ fn app_in_system_container_through_one_api() {
         "1000",
     ]);
     d.ok(&[
-        "launch", "busybox", "app2", "--parent", "sys1", "--kind", "app", "--", "sleep", "1000",
+        "launch",
+        "busybox",
+        "app2",
+        "--parent",
+        "sys1",
+        "--kind",
+        "app",
+        "--",
+        "sh",
+        "-c",
+        "echo hello-from-app2; exec sleep 1000",
     ]);
     let sys1 = d.instance("sys1");
+    // Its output, from the daemon inside sys1, through ours.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !d.ok(&["logs", "sys1/app2"]).contains("hello-from-app2") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no logs from sys1/app2"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let base = sys1["idmap_base"].as_u64().unwrap();
 
     check_chain(&d, &[("sys1", "system"), ("sys1/app1", "app")]);
