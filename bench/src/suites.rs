@@ -90,7 +90,8 @@ fn launch_parents(h: &Harness, k: &KindSpec, tag: &str) -> Result<String, String
     let mut prefix = String::new();
     for kind in &k.chain[..k.chain.len() - 1] {
         let name = if prefix.is_empty() {
-            format!("{tag}-{kind}")
+            // Named after the whole chain: `{tag}-system` is the plain system kind's.
+            format!("{tag}-{}", k.name)
         } else {
             format!("{prefix}/{kind}")
         };

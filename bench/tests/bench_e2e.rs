@@ -138,3 +138,75 @@ fn start_and_density_with_the_real_binary() {
         p["launch_ms"].as_array().unwrap().iter().for_each(sane_ms);
     }
 }
+
+/// The other suites, with tiny counts, over a plain and a nested kind.
+#[test]
+fn overhead_pagecache_and_isolation_with_the_real_binary() {
+    if !is_root() {
+        eprintln!("skipped: ltv bench needs root (namespaces, cgroups, drop_caches)");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("ltv-bench-e2e-")
+        .tempdir_in(if Path::new("/var/tmp").is_dir() {
+            "/var/tmp"
+        } else {
+            "/tmp"
+        })
+        .unwrap();
+    let kinds = ["--kinds", "app,app-in-system"];
+
+    let out = dir.path().join("overhead");
+    let v = bench(&[&["overhead", "--count", "1"][..], &kinds].concat(), &out);
+    assert_eq!(v["skipped"], serde_json::json!([]), "{v}");
+    let modes = v["results"]["overhead"]
+        .as_object()
+        .expect("overhead modes");
+    assert!(modes.len() >= 4, "{modes:?}");
+    for (mode, m) in modes {
+        assert!(
+            m["host_ms"][0].as_f64().is_some_and(|x| x > 0.0),
+            "{mode}: {m}"
+        );
+        for kind in ["app", "app-in-system"] {
+            let ratio = m[kind]["ratio_to_host"].as_f64();
+            assert!(
+                ratio.is_some_and(|r| r > 0.0 && r < 100.0),
+                "{mode} {kind}: {m}"
+            );
+        }
+    }
+
+    let out = dir.path().join("pagecache");
+    let v = bench(&[&["pagecache", "--count", "2"][..], &kinds].concat(), &out);
+    let pts = v["results"]["pagecache"]["app"]
+        .as_array()
+        .expect("app points");
+    assert_eq!(pts.len(), 2, "{pts:?}");
+    // Both containers read one 50 MiB file: its cache is charged about once.
+    let charged = pts[1]["charged_cache_mib"].as_f64().unwrap();
+    assert!((40.0..80.0).contains(&charged), "{pts:?}");
+
+    let out = dir.path().join("isolation");
+    let v = bench(&[&["isolation"][..], &kinds].concat(), &out);
+    let iso = &v["results"]["isolation"];
+    let host_pid_ns = iso["host"]["inside"]["ns"]["pid"].as_str().unwrap();
+    for kind in ["app", "app-in-system"] {
+        let inside = &iso[kind]["inside"];
+        assert_ne!(
+            inside["ns"]["pid"].as_str(),
+            Some(host_pid_ns),
+            "{kind}: {inside}"
+        );
+        assert_eq!(
+            inside["syscalls"]["kexec_load"], "blocked (EPERM)",
+            "{kind}: {inside}"
+        );
+    }
+    let root_uid: u64 = iso["app"]["host_uid_of_root"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(root_uid >= 1_000_000, "unprivileged: {iso}");
+}
