@@ -76,10 +76,12 @@ const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 /// (x87, XMM0-15) on a context switch, while user space runs natively and sees the
 /// host's CPUID and XCR0 (no VMM setting or guest XSETBV changes them there): a task
 /// preempted inside an AVX-512 memcpy resumes with another task's YMM16-31 and corrupts
-/// memory.
+/// memory. `AVX_Fast_Unaligned_Load` is a preference glibc sets from the CPU before it
+/// reads tunables and that turning AVX off leaves set (`ld.so --list-diagnostics`); its
+/// memcpy/memmove choose their YMM variants by it alone, so it must go too.
 pub const PVM_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,\
 -AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VBMI,-AVX512_VBMI2,-FMA,-FMA4,-F16C,-XSAVE,\
--XSAVEC,-OSXSAVE";
+-XSAVEC,-OSXSAVE,-AVX_Fast_Unaligned_Load";
 
 /// Runs the guest init; never returns.
 pub fn main() -> ! {
@@ -230,5 +232,33 @@ mod tests {
         assert_eq!(a.ip, Some(("10.87.0.9".parse().unwrap(), 24)));
         assert_eq!(a.gateway, Some("10.87.0.1".parse().unwrap()));
         assert_eq!(parse_cmdline("quiet ltv.ip=garbage"), BootArgs::default());
+    }
+
+    /// glibc, as the guest gets it (our bundle copies this host's), must pick no AVX code
+    /// under our tunables: the preference its memcpy goes by included.
+    #[test]
+    fn the_pvm_tunables_leave_glibc_no_avx() {
+        let libs = ltv::backend::bundle::shared_libraries().unwrap();
+        let Some(loader) = libs.iter().find(|l| l.contains("ld-linux")) else {
+            eprintln!("skipped: not a dynamically linked build");
+            return;
+        };
+        let tunables = PVM_GLIBC_TUNABLES.strip_prefix("GLIBC_TUNABLES=").unwrap();
+        let out = std::process::Command::new(loader)
+            .arg("--list-diagnostics")
+            .env("GLIBC_TUNABLES", tunables)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let preferred = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("x86.cpu_features.preferred.{name}=")))
+                .map(str::to_string)
+        };
+        assert_eq!(
+            preferred("AVX_Fast_Unaligned_Load").as_deref(),
+            Some("0x0"),
+            "{text}"
+        );
     }
 }
