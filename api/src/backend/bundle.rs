@@ -105,8 +105,15 @@ fn build(dir: &Path) -> io::Result<()> {
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
 }
 
+/// Our PT_INTERP, from the start of our binary only: the program headers and the
+/// interpreter's path sit in its first pages, and the whole binary is tens of MB.
 fn interpreter_of_self() -> io::Result<Option<String>> {
-    Ok(interpreter(&std::fs::read("/proc/self/exe")?))
+    use std::io::Read;
+    let mut head = Vec::with_capacity(64 << 10);
+    std::fs::File::open("/proc/self/exe")?
+        .take(64 << 10)
+        .read_to_end(&mut head)?;
+    Ok(interpreter(&head))
 }
 
 /// Every shared object mapped into this process, and its program interpreter.

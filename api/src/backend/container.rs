@@ -31,6 +31,8 @@ pub struct ContainerBackend {
     bridge: Option<BridgeConfig>,
     /// `<state>/bundle`: the `ltv` that system containers get at `/.ltv`.
     bundle_cache: PathBuf,
+    /// The bundle of our binary, once made (our binary does not change under us).
+    bundle: std::sync::OnceLock<PathBuf>,
     /// Our own user namespace's id range when we are nested in a container: ours to give
     /// out as it is, there being no room for private ranges in it.
     own_idmap: Option<IdMap>,
@@ -68,6 +70,7 @@ impl ContainerBackend {
             pools,
             bridge,
             bundle_cache,
+            bundle: std::sync::OnceLock::new(),
             own_idmap: own_idmap(),
             nested_starts: Default::default(),
         };
@@ -140,10 +143,18 @@ impl ContainerBackend {
         spec.network = self.network_of(instance)?;
         spec.init_may_reboot = instance.kind == Kind::System;
         if nests(instance) {
-            let cache = self.bundle_cache.clone();
-            let bundle = blocking(move || super::bundle::ensure(&cache))
-                .await?
-                .map_err(|e| ApiError::internal(format!("the ltv bundle for containers: {e}")))?;
+            let bundle = match self.bundle.get() {
+                Some(b) => b.clone(),
+                None => {
+                    let cache = self.bundle_cache.clone();
+                    let b = blocking(move || super::bundle::ensure(&cache))
+                        .await?
+                        .map_err(|e| {
+                            ApiError::internal(format!("the ltv bundle for containers: {e}"))
+                        })?;
+                    self.bundle.get_or_init(|| b).clone()
+                }
+            };
             spec.nesting = true;
             spec.binds = vec![
                 Bind {
