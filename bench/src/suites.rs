@@ -443,6 +443,18 @@ fn foreign_kib(roots: &[i32]) -> f64 {
         .sum()
 }
 
+/// Parent pids of `pids` (deduplicated, pid 1 left out).
+fn parents_of(pids: &[i32]) -> Vec<i32> {
+    let mut v: Vec<i32> = process_table()
+        .into_iter()
+        .filter(|(pid, ppid)| pids.contains(pid) && *ppid > 1)
+        .map(|(_, ppid)| ppid)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 fn children_of(ppid: u32) -> Vec<i32> {
     process_table()
         .into_iter()
@@ -477,7 +489,19 @@ pub fn density(
         .map(|k| (k.name.clone(), Some(k)))
         .collect();
     let mut bundle = None;
-    for p in usable_peers(args, report, &["crun", "runc"]) {
+    let mut lxc = None;
+    for p in usable_peers(args, report, &["crun", "runc", "lxc"]) {
+        if p == "lxc" {
+            // Idle LXC containers (same config as the start suite's), each with its monitor.
+            match Lxc::new(h, rootfs) {
+                Ok(l) => {
+                    lxc = Some(l);
+                    subjects.push((p, None));
+                }
+                Err(e) => report.skip(&p, e),
+            }
+            continue;
+        }
         match peers::oci_bundle(h, &p, rootfs, "sleep", &["/bin/sleep", "1d"]) {
             Ok(b) => {
                 bundle = Some(b);
@@ -534,6 +558,12 @@ pub fn density(
                         names.push(name);
                         r
                     }
+                    None if subject == "lxc" => {
+                        let name = format!("ltvb-idle-{i}");
+                        let r = lxc.as_ref().unwrap().start(h, &name);
+                        names.push(name);
+                        r
+                    }
                     None => {
                         let name = format!("ltvb-idle-{i}");
                         let r = peers::oci_detach(h, &subject, bundle.as_deref().unwrap(), &name);
@@ -560,6 +590,7 @@ pub fn density(
                 .iter()
                 .filter_map(|name| match &spec {
                     Some(_) => h.instance_pid(name),
+                    None if subject == "lxc" => lxc.as_ref().unwrap().pid(h, name),
                     None => peers::oci_pid(h, &subject, name),
                 })
                 .collect();
@@ -576,8 +607,12 @@ pub fn density(
                     .into_iter()
                     .filter(|p| !pids.contains(p))
                     .collect(),
+                // LXC: each container's init is a child of its own monitor process.
+                (None, _) if subject == "lxc" => parents_of(&pids),
                 _ => Vec::new(),
             };
+            // Helpers are ours too: their memory is part of the instance's cost.
+            ours.extend(&helpers);
             points.push(Point {
                 count: names.len(),
                 host_kib: (used - (foreign_kib(&ours) - foreign0)) / n,
@@ -619,12 +654,30 @@ pub fn density(
         // Remove this subject's instances before the next one is measured, and measure
         // what that frees: averaging the way up and the way down cancels linear drift
         // from other work on the host.
-        let roots: Vec<i32> = h.daemon_pid().map(|p| vec![p as i32]).unwrap_or_default();
+        let mut roots: Vec<i32> = h.daemon_pid().map(|p| vec![p as i32]).unwrap_or_default();
+        if spec.is_none() {
+            // Peer containers (and LXC monitors) are not under the daemon: their memory
+            // going away is what is measured, not other work.
+            let pids: Vec<i32> = names
+                .iter()
+                .filter_map(|name| match subject.as_str() {
+                    "lxc" => lxc.as_ref().unwrap().pid(h, name),
+                    _ => peers::oci_pid(h, &subject, name),
+                })
+                .collect();
+            roots.extend(parents_of(&pids).into_iter().filter(|_| subject == "lxc"));
+            roots.extend(pids);
+        }
         let full = meminfo::kernel_anon_kib(&meminfo::read()) as f64;
         let foreign_full = foreign_kib(&roots);
         let n = names.len();
         match &spec {
             Some(_) => h.delete_all(),
+            None if subject == "lxc" => {
+                for n in &names {
+                    let _ = lxc.as_ref().unwrap().stop(h, n);
+                }
+            }
             None => {
                 for n in &names {
                     peers::oci_delete(h, &subject, n);
