@@ -488,7 +488,8 @@ pub fn density(
         .into_iter()
         .map(|k| (k.name.clone(), Some(k)))
         .collect();
-    let mut bundle = None;
+    // One OCI bundle per peer: crun's and runc's differ.
+    let mut bundles = std::collections::HashMap::new();
     let mut lxc = None;
     for p in usable_peers(args, report, &["crun", "runc", "lxc"]) {
         if p == "lxc" {
@@ -504,7 +505,7 @@ pub fn density(
         }
         match peers::oci_bundle(h, &p, rootfs, "sleep", &["/bin/sleep", "1d"]) {
             Ok(b) => {
-                bundle = Some(b);
+                bundles.insert(p.clone(), b);
                 subjects.push((p, None));
             }
             Err(e) => report.skip(&p, e),
@@ -566,7 +567,7 @@ pub fn density(
                     }
                     None => {
                         let name = format!("ltvb-idle-{i}");
-                        let r = peers::oci_detach(h, &subject, bundle.as_deref().unwrap(), &name);
+                        let r = peers::oci_detach(h, &subject, &bundles[&subject], &name);
                         names.push(name);
                         r
                     }
