@@ -105,15 +105,55 @@ fn build(dir: &Path) -> io::Result<()> {
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
 }
 
-/// Our PT_INTERP, from the start of our binary only: the program headers and the
-/// interpreter's path sit in its first pages, and the whole binary is tens of MB.
+/// Our PT_INTERP, read where the headers say rather than by reading the whole binary
+/// (tens of MB); patchelf puts a new interpreter, and may put the program headers, at
+/// the end of the file.
 fn interpreter_of_self() -> io::Result<Option<String>> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(64 << 10);
-    std::fs::File::open("/proc/self/exe")?
-        .take(64 << 10)
-        .read_to_end(&mut head)?;
-    Ok(interpreter(&head))
+    interpreter_of(Path::new("/proc/self/exe"))
+}
+
+fn interpreter_of(binary: &Path) -> io::Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(binary)?;
+    let read_at = |off: u64, len: usize| -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let n = f.read_at(&mut buf, off)?;
+        buf.truncate(n);
+        Ok(buf)
+    };
+    let ehdr = read_at(0, 64)?;
+    let u16_at = |b: &[u8], o: usize| {
+        b.get(o..o + 2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+    };
+    let u64_at = |b: &[u8], o: usize| {
+        b.get(o..o + 8)
+            .map(|s| u64::from_le_bytes(s.try_into().unwrap()))
+    };
+    if ehdr.get(..5) != Some(b"\x7fELF\x02") {
+        return Ok(None);
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (
+        u64_at(&ehdr, 0x20),
+        u16_at(&ehdr, 0x36),
+        u16_at(&ehdr, 0x38),
+    ) else {
+        return Ok(None);
+    };
+    let phdrs = read_at(phoff, phentsize * phnum)?;
+    for i in 0..phnum {
+        let ph = &phdrs[(i * phentsize).min(phdrs.len())..];
+        if ph.get(..4) != Some(&libc::PT_INTERP.to_le_bytes()[..]) {
+            continue;
+        }
+        let (Some(off), Some(size)) = (u64_at(ph, 8), u64_at(ph, 32)) else {
+            return Ok(None);
+        };
+        let raw = read_at(off, size.min(4096) as usize)?;
+        let path = raw.split(|b| *b == 0).next().unwrap_or_default();
+        return Ok(Some(String::from_utf8_lossy(path).into_owned()));
+    }
+    Ok(None)
 }
 
 /// Every shared object mapped into this process, and its program interpreter.
@@ -138,7 +178,9 @@ pub fn shared_libraries() -> io::Result<Vec<String>> {
     Ok(libs)
 }
 
-/// PT_INTERP of a 64-bit little-endian ELF, e.g. `/lib64/ld-linux-x86-64.so.2`.
+/// PT_INTERP of a 64-bit little-endian ELF in memory, e.g. `/lib64/ld-linux-x86-64.so.2`:
+/// what the tests check [`interpreter_of_self`] against.
+#[cfg(test)]
 fn interpreter(elf: &[u8]) -> Option<String> {
     let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
     let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
@@ -168,6 +210,14 @@ mod tests {
             .unwrap()
             .expect("a dynamic test binary");
         assert!(interp.contains("ld-linux"), "{interp}");
+        let whole = interpreter(&std::fs::read("/proc/self/exe").unwrap());
+        assert_eq!(whole.as_deref(), Some(interp.as_str()));
+        if let Ok(expected) = std::env::var("LTV_EXPECT_INTERP") {
+            assert_eq!(
+                interp, expected,
+                "a patched binary finds its new interpreter"
+            );
+        }
     }
 
     /// The bundled binary asks for its own loader and runs on the bundle's libraries.
@@ -182,6 +232,12 @@ mod tests {
         assert_eq!(ensure(cache.path()).unwrap(), dir, "built once");
         let elf = std::fs::read(dir.join("ltv")).unwrap();
         let interp = interpreter(&elf).unwrap();
+        // What the bundled binary finds when it asks itself (a nested daemon, a guest agent
+        // does): patchelf put the new path at the end of the file.
+        assert_eq!(
+            interpreter_of(&dir.join("ltv")).unwrap(),
+            Some(interp.clone())
+        );
         assert!(interp.starts_with("/.ltv/lib/ld-linux"), "{interp}");
         let libs: Vec<_> = std::fs::read_dir(dir.join("lib"))
             .unwrap()
