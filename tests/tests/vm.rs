@@ -331,7 +331,7 @@ fn vm_runs_commands_keeps_its_disk_talks_to_containers_and_stops_cleanly() {
         "sh",
         "-c",
         &format!(
-            "while :; do cat /.ltv/ltv; done | head -c {size} > /tmp/blob && md5sum /tmp/blob \
+            "head -c {size} /dev/urandom > /tmp/blob && md5sum /tmp/blob \
              && /.ltv/ltv vsock-pipe 2 5000 < /tmp/blob"
         ),
     ]);
