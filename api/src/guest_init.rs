@@ -6,6 +6,7 @@
 //! off on SIGUSR2/SIGTERM. Every system call and fork is slow under kvm-pvm (guest kernel
 //! code is emulated), so it does the least it can, with direct libc calls.
 
+use ltv::daemon::agent::PVM_GLIBC_TUNABLES;
 use std::ffi::CString;
 
 /// `/init` as PID 1: this is the guest init, not a host command.
@@ -70,18 +71,6 @@ fn console(msg: &str) {
 }
 
 const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// For every guest process on kvm-pvm hosts: glibc must not pick its AVX/AVX-512 string
-/// functions. The compat kernel runs with `noxsave` and saves only the FXSAVE area
-/// (x87, XMM0-15) on a context switch, while user space runs natively and sees the
-/// host's CPUID and XCR0 (no VMM setting or guest XSETBV changes them there): a task
-/// preempted inside an AVX-512 memcpy resumes with another task's YMM16-31 and corrupts
-/// memory. `AVX_Fast_Unaligned_Load` is a preference glibc sets from the CPU before it
-/// reads tunables and that turning AVX off leaves set (`ld.so --list-diagnostics`); its
-/// memcpy/memmove choose their YMM variants by it alone, so it must go too.
-pub const PVM_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,\
--AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VBMI,-AVX512_VBMI2,-FMA,-FMA4,-F16C,-XSAVE,\
--XSAVEC,-OSXSAVE,-AVX_Fast_Unaligned_Load";
 
 /// Runs the guest init; never returns.
 pub fn main() -> ! {

@@ -49,7 +49,7 @@ fn main() {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     // In a kvm-pvm guest, YMM/ZMM state does not survive a context switch (see
-    // guest_init::PVM_GLIBC_TUNABLES), and our dependencies pick AVX2 paths at run time
+    // daemon::agent::PVM_GLIBC_TUNABLES), and our dependencies pick AVX2 paths at run time
     // (memchr): one thread keeps two of our own tasks from clobbering each other.
     let runtime = if daemonish && !ltv::daemon::agent::pvm_guest() {
         tokio::runtime::Builder::new_multi_thread()

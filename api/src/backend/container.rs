@@ -36,6 +36,9 @@ pub struct ContainerBackend {
     /// Our own user namespace's id range when we are nested in a container: ours to give
     /// out as it is, there being no room for private ranges in it.
     own_idmap: Option<IdMap>,
+    /// We run in a kvm-pvm guest: every container process gets the glibc tunables that
+    /// keep it off AVX (see `PVM_GLIBC_TUNABLES`), as the guest's own processes do.
+    pvm_guest: bool,
     /// Held while a system container's nested daemon is being started.
     nested_starts: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -72,6 +75,7 @@ impl ContainerBackend {
             bundle_cache,
             bundle: std::sync::OnceLock::new(),
             own_idmap: own_idmap(),
+            pvm_guest: crate::daemon::agent::pvm_guest(),
             nested_starts: Default::default(),
         };
         for pool in &backend.pools {
@@ -339,6 +343,10 @@ impl ContainerBackend {
             &[format!("HOSTNAME={}", instance.name), "HOME=/root".into()],
             &env,
         );
+        if self.pvm_guest {
+            // Underneath: an image or a caller that sets its own tunables keeps them.
+            env = merge_env(&[crate::daemon::agent::PVM_GLIBC_TUNABLES.into()], &env);
+        }
         if tty && !env.iter().any(|e| e.starts_with("TERM=")) {
             env.push("TERM=xterm".into());
         }
@@ -685,7 +693,8 @@ impl Backend for ContainerBackend {
         let started = self.exec(instance, image, pid, &req, stdio).await?;
         // Our child (the exec helper); it ends with the daemon.
         let exited = tokio::spawn(crate::daemon::reaper::wait(started.pid));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        // Well under a second here; a guest kernel emulated on kvm-pvm takes its time.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         while std::time::Instant::now() < deadline && !exited.is_finished() {
             if answers(client.clone()).await {
                 tracing::info!(instance = %instance.name, "nested daemon started");

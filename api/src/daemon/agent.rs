@@ -249,6 +249,18 @@ pub fn power_off() -> Result<(), ApiError> {
 
 /// Booted with the kvm-pvm compat switches; also true inside containers in such a guest,
 /// which see the guest kernel's command line.
+/// For every guest process on kvm-pvm hosts, the containers' inside a guest included: glibc must not pick its AVX/AVX-512 string
+/// functions. The compat kernel runs with `noxsave` and saves only the FXSAVE area
+/// (x87, XMM0-15) on a context switch, while user space runs natively and sees the
+/// host's CPUID and XCR0 (no VMM setting or guest XSETBV changes them there): a task
+/// preempted inside an AVX-512 memcpy resumes with another task's YMM16-31 and corrupts
+/// memory. `AVX_Fast_Unaligned_Load` is a preference glibc sets from the CPU before it
+/// reads tunables and that turning AVX off leaves set (`ld.so --list-diagnostics`); its
+/// memcpy/memmove choose their YMM variants by it alone, so it must go too.
+pub const PVM_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,\
+-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VBMI,-AVX512_VBMI2,-FMA,-FMA4,-F16C,-XSAVE,\
+-XSAVEC,-OSXSAVE,-AVX_Fast_Unaligned_Load";
+
 pub fn pvm_guest() -> bool {
     std::fs::read_to_string("/proc/cmdline")
         .is_ok_and(|c| c.split_whitespace().any(|w| w == "ltv_pvm_compat"))
