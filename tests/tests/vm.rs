@@ -148,22 +148,13 @@ fn assert_killed_vmm_left_nothing(d: &TestDaemon, name: &str, pid: i32) {
 
 /// Launches a 256 MiB busybox microVM, prints how long it took to a running agent, and
 /// returns the instance, asserted Running.
-/// A daemon for tests that talk to the guest agent a lot, or `None` (the reason printed)
-/// where that cannot work yet.
+/// A daemon for tests that talk to the guest agent a lot.
 fn daemon_for_agent_tests() -> Option<TestDaemon> {
     // PVM hosts under load take a minute or more per boot.
-    let d = TestDaemon::start_with_env(&[("LTV_VM_BOOT_TIMEOUT", "400")]);
-    let (_, host) = d.api_json("GET", "/1.0", None);
-    if host["kvm"] == "pvm" && std::env::var_os("LTV_TEST_PVM_AGENT").is_none() {
-        eprintln!(
-            "skipped: on kvm-pvm hosts the guest agent still crashes after a few requests \
-             (guest memory goes wrong under the host's emulation; README, \"microVMs on \
-             kvm-pvm hosts\"); set LTV_TEST_PVM_AGENT=1 to run it anyway. \
-             vm_boots_on_its_disk_joins_the_bridge_and_cleans_up covers what holds here."
-        );
-        return None;
-    }
-    Some(d)
+    Some(TestDaemon::start_with_env(&[(
+        "LTV_VM_BOOT_TIMEOUT",
+        "400",
+    )]))
 }
 
 /// The whole chain: an app container in a system container in a microVM, one API.
