@@ -130,6 +130,14 @@ impl TestDaemon {
             .arg(&self.state_dir)
             .args(["--cgroup-root", &self.cgroup_root])
             .env("LTV_SOCKET", &self.socket)
+            // On the host's network (image downloads only) it must not make a bridge there.
+            .args(
+                self.netns
+                    .is_none()
+                    .then_some(["--bridge", "none"])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("LTV_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
