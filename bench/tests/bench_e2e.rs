@@ -86,21 +86,25 @@ fn sane_ms(x: &Value) {
     assert!(ms > 0.0 && ms < 10_000.0, "latency {ms} ms out of range");
 }
 
-#[test]
-fn start_and_density_with_the_real_binary() {
-    if !is_root() {
-        eprintln!("skipped: ltv bench needs root (namespaces, cgroups, drop_caches)");
-        return;
-    }
-    // Not /tmp: other test suites on shared hosts clean it.
-    let dir = tempfile::Builder::new()
+/// Where a test's bench output goes. Not /tmp: other test suites on shared hosts clean it.
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
         .prefix("ltv-bench-e2e-")
         .tempdir_in(if Path::new("/var/tmp").is_dir() {
             "/var/tmp"
         } else {
             "/tmp"
         })
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn start_and_density_with_the_real_binary() {
+    if !is_root() {
+        eprintln!("skipped: ltv bench needs root (namespaces, cgroups, drop_caches)");
+        return;
+    }
+    let dir = scratch_dir();
 
     let out = dir.path().join("start");
     let v = bench(
@@ -146,14 +150,7 @@ fn overhead_pagecache_and_isolation_with_the_real_binary() {
         eprintln!("skipped: ltv bench needs root (namespaces, cgroups, drop_caches)");
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("ltv-bench-e2e-")
-        .tempdir_in(if Path::new("/var/tmp").is_dir() {
-            "/var/tmp"
-        } else {
-            "/tmp"
-        })
-        .unwrap();
+    let dir = scratch_dir();
     let kinds = ["--kinds", "app,app-in-system"];
 
     let out = dir.path().join("overhead");
