@@ -4,7 +4,8 @@
 //! and re-executes `/proc/self/exe` with [`INIT_ARG`]. That helper ([`init_main`]) is
 //! single-threaded and does the real setup. Fixed descriptors in the helper:
 //! 0-2 stdio, 3 the control pipe (one sync byte, then a JSON [`InitMsg`]), 4 the status
-//! pipe (close-on-exec: EOF without data means the container command was executed).
+//! pipe (close-on-exec: EOF without data means the container command was executed), and
+//! from 5 the cgroup v1 `tasks` files it moves itself into (their number is argv[2]).
 
 use crate::cgroups::{self, CgroupManager};
 use crate::namespaces::{self, PreparedExec};
@@ -25,6 +26,7 @@ pub const INIT_ARG: &str = "__ltv-init";
 
 const CTL_FD: RawFd = 3;
 const STATUS_FD: RawFd = 4;
+const SELF_MOVE_FD: RawFd = 5;
 /// How long `start`/`exec` wait for the helper to report.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Docker's PATH when the spec's env has none.
@@ -153,10 +155,11 @@ struct Helper {
 }
 
 impl Helper {
-    /// `cgroup`: a v2 directory to clone the helper straight into. `in_cgroup` in the
-    /// result tells whether that happened. The helper gets its stdio later, with its
-    /// message, so that a spare one can wait in a pool before anyone asks for it.
-    fn spawn(flags: libc::c_int, cgroup: Option<&OwnedFd>) -> Result<Helper, Error> {
+    /// `cgroup`: the container's group, which the helper is cloned straight into (v2) or
+    /// moves itself into before it reports (v1); `in_cgroup` in the result tells whether
+    /// one of those happens. The helper gets its stdio later, with its message, so that a
+    /// spare one can wait in a pool before anyone asks for it.
+    fn spawn(flags: libc::c_int, cgroup: Option<&dyn CgroupManager>) -> Result<Helper, Error> {
         let (ctl_parent, ctl_child) = nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::Stream,
@@ -166,27 +169,39 @@ impl Helper {
         .map_err(|e| setup("create control socket")(errno_io(e)))?;
         let (st_r, st_w) = pipe()?;
         let null = std::fs::File::open("/dev/null").map_err(setup("open /dev/null"))?;
+        let v2_dir = cgroup.and_then(cgroup_dir_fd);
+        let self_move = match (cgroup, &v2_dir) {
+            (Some(cg), None) => self_move_fds(cg),
+            _ => vec![],
+        };
+        let mut fds = vec![
+            (null.as_raw_fd(), 0),
+            (null.as_raw_fd(), 1),
+            (null.as_raw_fd(), 2),
+            (ctl_child.as_raw_fd(), CTL_FD),
+            (st_w.as_raw_fd(), STATUS_FD),
+        ];
+        fds.extend(
+            (SELF_MOVE_FD..)
+                .zip(&self_move)
+                .map(|(n, f)| (f.as_raw_fd(), n)),
+        );
+        let moves = self_move.len().to_string();
         let prep = PreparedExec::new(
             "/proc/self/exe",
-            &["ltv-init", INIT_ARG],
+            &["ltv-init", INIT_ARG, &moves],
             &[],
-            &[
-                (null.as_raw_fd(), 0),
-                (null.as_raw_fd(), 1),
-                (null.as_raw_fd(), 2),
-                (ctl_child.as_raw_fd(), CTL_FD),
-                (st_w.as_raw_fd(), STATUS_FD),
-            ],
+            &fds,
             Some(CTL_FD),
         )
         .map_err(setup("prepare helper exec"))?;
-        let into = match cgroup {
+        let into = match &v2_dir {
             Some(fd) => prep
                 .spawn_into_cgroup(flags, fd)
                 .map_err(setup("clone container process"))?,
             None => None,
         };
-        let in_cgroup = into.is_some();
+        let in_cgroup = into.is_some() || !self_move.is_empty();
         let pid = match into {
             Some(pid) => pid,
             None => prep
@@ -194,7 +209,7 @@ impl Helper {
                 .map_err(setup("clone container process"))?,
         };
         // Our copies must go, or EOF on the status pipe would never come.
-        drop((prep, ctl_child, st_w, null));
+        drop((prep, ctl_child, st_w, null, self_move));
         Ok(Helper {
             pid,
             ctl: Some(ctl_parent),
@@ -419,10 +434,9 @@ fn start_inner(
             cg.apply(&spec.limits)
                 .map_err(setup("apply cgroup limits"))?;
             delegate_if_nesting(spec, cg)?;
-            let cg_fd = cgroup_dir_fd(cg);
             let h = helper.insert(Helper::spawn(
                 namespaces::clone_flags(spec.idmap.is_some()),
-                cg_fd.as_ref(),
+                Some(cg),
             )?);
             if let Some(m) = &spec.idmap {
                 namespaces::write_id_maps(h.pid, m)
@@ -676,6 +690,21 @@ fn cgroup_dir_fd(cg: &dyn CgroupManager) -> Option<OwnedFd> {
     std::fs::File::open(dir).ok().map(OwnedFd::from)
 }
 
+/// The v1 `tasks` files for the helper to move itself; opened by us, because the kernel
+/// checks the opener's credentials, and the helper may already be in a user namespace.
+/// Empty when one cannot be opened: the caller then moves the helper by pid.
+fn self_move_fds(cg: &dyn CgroupManager) -> Vec<OwnedFd> {
+    let open = |p: &PathBuf| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .map(OwnedFd::from)
+    };
+    cg.self_move_files()
+        .and_then(|files| files.iter().map(open).collect())
+        .unwrap_or_default()
+}
+
 /// Runs `process` inside the running container whose init is `init_pid`. The returned
 /// pid is a helper that exits with the process's exit code (128+signal if killed).
 pub fn exec(
@@ -689,8 +718,7 @@ pub fn exec(
         return Err(Error::InvalidSpec(format!("bad init pid {init_pid}")));
     }
     let cg = cgroups::manager(&spec.cgroup);
-    let cg_fd = cgroup_dir_fd(cg.as_ref());
-    let mut h = Helper::spawn(0, cg_fd.as_ref())?;
+    let mut h = Helper::spawn(0, Some(cg.as_ref()))?;
     let r = (|| {
         h.release()?;
         if !h.in_cgroup {
@@ -891,6 +919,24 @@ fn helper_prologue() -> InitResult<(InitMsg, Option<OwnedFd>)> {
         // Until the container command runs, /proc/PID/exe is the daemon binary: keep
         // container processes from opening it (the CVE-2019-5736 pattern).
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    // Still single-threaded, so moving this thread moves the whole process.
+    let moves: RawFd = std::env::args()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    for fd in SELF_MOVE_FD..SELF_MOVE_FD + moves {
+        // SAFETY: writing one byte from a static buffer to an inherited descriptor.
+        if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err((
+                "join the container's cgroup",
+                std::io::Error::last_os_error(),
+            )
+                .into());
+        }
+    }
+    // SAFETY: closing descriptors nobody else in this process uses.
+    unsafe {
         // Anything else inherited from the daemon must not reach the container.
         libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
     }

@@ -79,6 +79,12 @@ pub trait CgroupManager: Send + Sync {
     fn v2_dir(&self) -> Option<std::path::PathBuf> {
         None
     }
+    /// v1: the `tasks` file of each hierarchy. A single-threaded process that writes "0"
+    /// there moves itself without the global lock whose RCU grace period (5 to 15 ms
+    /// here) every move by pid waits for. Empty on v2 (CLONE_INTO_CGROUP is free there).
+    fn self_move_files(&self) -> std::io::Result<Vec<std::path::PathBuf>> {
+        Ok(vec![])
+    }
 }
 
 /// The manager for `path` (relative to each hierarchy root) on this host's layout.

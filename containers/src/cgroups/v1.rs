@@ -196,6 +196,13 @@ impl CgroupManager for V1Manager {
         Ok(())
     }
 
+    fn self_move_files(&self) -> Result<Vec<PathBuf>> {
+        self.hierarchies
+            .iter()
+            .map(|h| Ok(self.dir(h)?.join("tasks")))
+            .collect()
+    }
+
     fn apply(&self, limits: &Limits) -> Result<()> {
         if let Some(h) = self.find("memory") {
             let d = self.dir(h)?;
