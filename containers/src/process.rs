@@ -27,8 +27,19 @@ pub const INIT_ARG: &str = "__ltv-init";
 const CTL_FD: RawFd = 3;
 const STATUS_FD: RawFd = 4;
 const SELF_MOVE_FD: RawFd = 5;
-/// How long `start`/`exec` wait for the helper to report.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `start`/`exec` wait for the helper to report, in seconds; see
+/// [`set_setup_timeout`].
+static SETUP_TIMEOUT_SECS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30);
+
+/// Where kernel code is slow (an emulated guest kernel on kvm-pvm hosts, every mount and
+/// clone taking a thousand times longer), setup needs more than the default 30 s.
+pub fn set_setup_timeout(timeout: Duration) {
+    SETUP_TIMEOUT_SECS.store(timeout.as_secs(), std::sync::atomic::Ordering::Relaxed);
+}
+
+fn setup_timeout() -> Duration {
+    Duration::from_secs(SETUP_TIMEOUT_SECS.load(std::sync::atomic::Ordering::Relaxed))
+}
 /// Docker's PATH when the spec's env has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -283,11 +294,12 @@ impl Helper {
 
     /// Waits for EOF on the status pipe; Ok when the command was executed.
     fn wait_status(&mut self) -> Result<(), Error> {
-        let msg = read_with_timeout(&self.status, SETUP_TIMEOUT)
+        let timeout = setup_timeout();
+        let msg = read_with_timeout(&self.status, timeout)
             .map_err(setup("read container init status"))?;
         match msg {
             None => Err(Error::Init(format!(
-                "container init did not finish setup within {SETUP_TIMEOUT:?}"
+                "container init did not finish setup within {timeout:?}"
             ))),
             Some(m) if m.is_empty() => Ok(()),
             Some(m) => {

@@ -60,6 +60,12 @@ impl ContainerBackend {
     ) -> Self {
         // Spares a previous daemon left behind are not ours to claim.
         process::remove_stale_spares(&cgroup_root);
+        let pvm_guest = crate::daemon::agent::pvm_guest();
+        if pvm_guest {
+            // Measured: a system container's setup in such a guest took over 30 s while
+            // the host was busy.
+            process::set_setup_timeout(std::time::Duration::from_secs(300));
+        }
         // Most containers are unprivileged: that pool gets the size, the other one spare.
         let pools = [(true, pool_size), (false, pool_size.min(1))]
             .into_iter()
@@ -75,7 +81,7 @@ impl ContainerBackend {
             bundle_cache,
             bundle: std::sync::OnceLock::new(),
             own_idmap: own_idmap(),
-            pvm_guest: crate::daemon::agent::pvm_guest(),
+            pvm_guest,
             nested_starts: Default::default(),
         };
         for pool in &backend.pools {
