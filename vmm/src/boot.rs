@@ -2,7 +2,6 @@
 //! PVH (start_info + memmap + modules) when the ELF has the PVH note, else Linux boot_params.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -18,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::arch::layout::*;
 use crate::arch::memmap::{low_ram_end, memory_map, MemEntry};
 use crate::config::{BootProtocol, KernelFormat};
+use crate::vstate::memory::CowFileReader;
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -63,7 +63,9 @@ pub fn load_kernel(
     format: KernelFormat,
     proto: BootProtocol,
 ) -> Result<KernelEntry, BootError> {
-    let mut f = File::open(path).map_err(|e| BootError::Open(path.display().to_string(), e))?;
+    let mut f = File::open(path)
+        .and_then(|f| CowFileReader::new(f, mem))
+        .map_err(|e| BootError::Open(path.display().to_string(), e))?;
     let himem = Some(GuestAddress(HIMEM_START));
     match format {
         KernelFormat::Elf => {
@@ -103,13 +105,13 @@ pub fn load_initrd(
     kernel_end: u64,
     path: &Path,
 ) -> Result<(u64, u64), BootError> {
-    let mut data = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut data))
-        .map_err(|e| BootError::Open(path.display().to_string(), e))?;
-    let size = data.len() as u64;
+    // Straight into guest memory: no intermediate buffer.
+    let open_err = |e| BootError::Open(path.display().to_string(), e);
+    let file = File::open(path).map_err(open_err)?;
+    let size = file.metadata().map_err(open_err)?.len();
     let addr = initrd_address(mem_size, kernel_end, size).ok_or(BootError::InitrdTooBig(size))?;
-    mem.write_slice(&data, GuestAddress(addr))
+    let mut reader = CowFileReader::new(file, mem).map_err(open_err)?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut reader, size as usize)
         .map_err(|e| BootError::Initrd(e.to_string()))?;
     Ok((addr, size))
 }
