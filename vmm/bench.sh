@@ -68,26 +68,43 @@ E = os.environ
 mem = int(E['MEM'])
 
 def smaps_overhead(pid):
-    """(total PSS kB, guest-RAM mapping PSS kB) from /proc/PID/smaps."""
-    total, guest, best = 0, 0, None
-    cur = None
+    """(total PSS kB, guest-RAM PSS kB) from /proc/PID/smaps."""
     try:
         text = open(f'/proc/{pid}/smaps').read()
     except OSError:
         return None
+    vmas = []
     for line in text.splitlines():
-        if re.match(r'^[0-9a-f]+-[0-9a-f]+ ', line):
-            cur = {}
+        m = re.match(r'^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+ *(.*)$', line)
+        if m:
+            vmas.append({'start': int(m[1], 16), 'end': int(m[2], 16), 'perms': m[3],
+                         'path': m[4], 'Size': 0, 'Pss': 0})
             continue
         k, _, v = line.partition(':')
-        if k in ('Size', 'Pss') and cur is not None:
-            cur[k] = int(v.split()[0])
-            if k == 'Pss':
-                total += cur['Pss']
-                # The guest RAM mapping: the one anonymous mapping of about MEM MiB.
-                if cur['Size'] >= mem * 1024 and (best is None or cur['Size'] < best):
-                    best, guest = cur['Size'], cur['Pss']
-    return total, guest
+        if k in ('Size', 'Pss') and vmas:
+            vmas[-1][k] = int(v.split()[0])
+    return sum(v['Pss'] for v in vmas), guest_ram_pss(vmas)
+
+def guest_ram_pss(vmas):
+    """PSS of the guest RAM: the smallest run of adjacent writable mappings of at least MEM MiB.
+    A run, not one mapping: ltv-vmm maps the kernel and initrd files copy-on-write into its
+    anonymous guest RAM mapping, which splits it."""
+    images = {os.path.realpath(E['VMLINUX']), os.path.realpath(E['INITRD'])}
+    best = None
+    for i in range(len(vmas)):
+        size = pss = 0
+        for j in range(i, len(vmas)):
+            v = vmas[j]
+            if not v['perms'].startswith('rw') or v['path'] not in images | {''}:
+                break
+            if j > i and v['start'] != vmas[j - 1]['end']:
+                break
+            size += v['Size']; pss += v['Pss']
+            if size >= mem * 1024:
+                if best is None or size < best[0]:
+                    best = (size, pss)
+                break
+    return best[1] if best else 0
 
 def run(name, cmd, env=None):
     t0 = time.monotonic()
