@@ -63,6 +63,11 @@ pub struct TestDaemon {
 }
 
 impl TestDaemon {
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// A daemon in a network namespace of its own: no packet leaves it.
     pub fn start() -> TestDaemon {
         Self::start_with(true)

@@ -96,6 +96,12 @@ fn transfer_bytes(kvm: &str) -> usize {
     }
 }
 
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 fn md5(data: &[u8]) -> String {
     let mut child = std::process::Command::new("md5sum")
         .stdin(std::process::Stdio::piped())
@@ -305,6 +311,65 @@ fn vm_runs_commands_keeps_its_disk_talks_to_containers_and_stops_cleanly() {
         t.elapsed().as_secs_f64()
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&md5(&data)));
+
+    // Flow control: 100 MiB offered to a guest reader that stalls. Credits hold the host
+    // back at every hop (CLI, daemon, VMM), so it gets little ahead and nothing grows.
+    let vmm = d.instance("vm1")["pid"].as_i64().unwrap() as u32;
+    let daemon = d.pid().unwrap();
+    let (vmm_rss, daemon_rss) = (rss_kib(vmm), rss_kib(daemon));
+    let mut child = d
+        .ltv_cmd(&[
+            "exec",
+            "-i",
+            "vm1",
+            "--",
+            "sh",
+            "-c",
+            "sleep 25; head -c 1 >/dev/null",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![0x5a_u8; 64 << 10];
+        while counter.load(std::sync::atomic::Ordering::Relaxed) < 100 << 20 {
+            if stdin.write_all(&chunk).is_err() {
+                break; // the guest command ended
+            }
+            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    std::thread::sleep(Duration::from_secs(12));
+    let ahead = written.load(std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        written.load(std::sync::atomic::Ordering::Relaxed),
+        ahead,
+        "the writer is held back while the guest does not read"
+    );
+    eprintln!(
+        "vm1: a stalled guest reader let the host get {} KiB ahead; VMM RSS {} -> {} KiB, daemon {} -> {} KiB",
+        ahead >> 10,
+        vmm_rss,
+        rss_kib(vmm),
+        daemon_rss,
+        rss_kib(daemon)
+    );
+    assert!(ahead < 16 << 20, "{} KiB ahead", ahead >> 10);
+    assert!(
+        rss_kib(vmm) < vmm_rss + (16 << 10),
+        "the VMM buffers nothing unbounded"
+    );
+    assert!(
+        rss_kib(daemon) < daemon_rss + (16 << 10),
+        "the daemon neither"
+    );
+    assert!(child.wait().unwrap().success());
+    writer.join().unwrap();
 
     // Guest → host: a guest connection to CID 2 port 5000 arrives at `vsock.sock_5000`.
     let listen = d.state_dir.join("instances/vm1/vsock.sock_5000");
