@@ -49,7 +49,7 @@ cargo build -q -j1 --release -p ltv-vmm --bin ltv-vmm
 VMM="$CARGO_TARGET_DIR/release/ltv-vmm"
 command -v qemu-system-x86_64 >/dev/null || SKIP_QEMU=1
 
-COMPAT='noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv ltv_pvm_compat'
+COMPAT='noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip,erms,fsrm,rep_good nopku nopv noreplace-smp rodata=off percpu_alloc=page no_timer_check ltv_pvm_compat'
 # reboot=k: the guest ends by an i8042 reset (ltv-vmm exits 0, QEMU -no-reboot exits). reboot=t
 # would triple-fault through `int3`, which kvm-pvm cannot emulate (KVM internal error).
 BASE="${BASE:-console=ttyS0 reboot=k quiet ltv.init=poweroff}"
