@@ -524,12 +524,13 @@ impl SpareCgroup {
     }
 }
 
-/// Pre-spawned container helpers for containers without a user namespace.
+/// Pre-spawned container helpers (cgroup v1), with or without a user namespace.
 ///
-/// On cgroup v1, moving a process into a cgroup waits for an RCU grace period (5 to
-/// 15 ms here), most of a container's start time. A spare helper pays it ahead of time
-/// in a cgroup of its own, which is renamed to the container's when claimed (renaming
-/// is cheap). On v2, CLONE_INTO_CGROUP makes the move free and the pool stays unused.
+/// A spare is cloned with its namespaces ahead of time and moved by pid into a cgroup of
+/// its own (that move waits for an RCU grace period, off the request path), which is
+/// renamed to the container's when claimed (renaming is cheap). A start without a spare
+/// makes the namespaces then and lets the helper move itself (see `self_move_fds`). On
+/// v2, CLONE_INTO_CGROUP makes the move free and the pool stays unused.
 pub struct Pool {
     /// Parent of the spares' cgroups: a claim must be for a container under it.
     root: String,

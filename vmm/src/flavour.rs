@@ -48,8 +48,7 @@ pub const PVM_COMPAT_CMDLINE: &str =
 /// the guest kernel): no rewrite of ~4000 `lock` prefixes on a 1-vCPU guest, no page-table
 /// split for read-only kernel data, per-cpu areas from 4K pages instead of a zeroed 2 MiB
 /// block per CPU, no IO-APIC timer self-test (a delay loop).
-pub const PVM_FAST_BOOT_CMDLINE: &str =
-    "noreplace-smp rodata=off percpu_alloc=page no_timer_check";
+pub const PVM_FAST_BOOT_CMDLINE: &str = "noreplace-smp rodata=off percpu_alloc=page no_timer_check";
 
 /// Switch that turns on the guest-kernel patches for PVM (skip the int3
 /// self-test and fwait, run syscalls from the LSTAR page fault); named in guest-kernel/README.md.

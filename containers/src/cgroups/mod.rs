@@ -80,7 +80,7 @@ pub trait CgroupManager: Send + Sync {
         None
     }
     /// v1: the `tasks` file of each hierarchy. A single-threaded process that writes "0"
-    /// there moves itself without the global lock whose RCU grace period (5 to 15 ms
+    /// there moves itself without the global lock whose RCU grace period (6 to 16 ms
     /// here) every move by pid waits for. Empty on v2 (CLONE_INTO_CGROUP is free there).
     fn self_move_files(&self) -> std::io::Result<Vec<std::path::PathBuf>> {
         Ok(vec![])
