@@ -229,9 +229,11 @@ async fn instances_post(
         if req.start {
             d.start_instance(&instance.name, None).await?;
         }
+        // The state after the start, without live usage: reading it (for a microVM, from
+        // the guest agent) would only delay the reply; GET has it.
         let instance = d
-            .instance_with_usage(&instance.name)
-            .await
+            .instance_row(&instance.name)
+            .map(|r| r.instance)
             .unwrap_or(instance);
         return Ok((StatusCode::CREATED, Json(instance)).into_response());
     };
@@ -318,7 +320,7 @@ async fn instance_state_put(
         StateAction::Stop => d.stop_instance(&name, req.force, timeout).await?,
         StateAction::Restart => d.restart_instance(&name, req.force, timeout).await?,
     }
-    Ok(Json(d.instance_with_usage(&name).await?))
+    Ok(Json(d.instance_row(&name)?.instance))
 }
 
 #[utoipa::path(get, path = "/1.0/instances/{name}/logs", responses((status = 200, content_type = "text/plain"), (status = 404, body = ErrorBody)))]

@@ -49,10 +49,14 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 /// namespace are left to whoever waits for them.
 pub fn reap_adopted_orphans() {
     let me = std::process::id() as i32;
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+    for pid in our_children().unwrap_or_else(every_process) {
+        // The short stat file first: most children are alive, and this runs on every SIGCHLD.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if !stat_is_zombie(&stat) {
+            continue;
+        }
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
@@ -61,6 +65,41 @@ pub fn reap_adopted_orphans() {
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
         }
     }
+}
+
+/// The children of all our threads (orphans are handed to any live thread), or `None`
+/// without CONFIG_PROC_CHILDREN. A zombie missed while the lists change is found next time.
+fn our_children() -> Option<Vec<i32>> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        match std::fs::read_to_string(task.path().join("children")) {
+            Ok(list) => pids.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
+                return None
+            }
+            Err(_) => {} // the thread just ended
+        }
+    }
+    Some(pids)
+}
+
+/// The state follows the command name, which may itself hold ") ".
+fn stat_is_zombie(stat: &str) -> bool {
+    stat.rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z'))
+}
+
+/// Every pid on the system: the slow way, for kernels without the children lists.
+fn every_process() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn is_adopted_zombie(status: &str, me: i32) -> bool {
@@ -172,6 +211,28 @@ mod tests {
             !is_adopted_zombie(&status("Z (zombie)", 11, "500 7"), 10),
             "not ours"
         );
+    }
+
+    #[test]
+    fn zombie_state_from_stat() {
+        assert!(stat_is_zombie("42 (a) b) Z 1 42 42 0"));
+        assert!(!stat_is_zombie("42 (a) Z) S 1 42 42 0"));
+    }
+
+    #[test]
+    fn our_children_include_a_new_child() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        match our_children() {
+            Some(pids) => assert!(pids.contains(&pid), "{pid} not in {pids:?}"),
+            None => eprintln!("skipped: this kernel has no /proc/PID/task/TID/children"),
+        }
+        assert!(every_process().contains(&pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[tokio::test]
