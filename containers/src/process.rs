@@ -236,9 +236,9 @@ impl Helper {
         self.write_ctl(b"G", false)
     }
 
-    /// Sends the message with the process's stdio attached (SCM_RIGHTS) and closes the
-    /// socket: the helper reads to EOF.
-    fn send(&mut self, msg: &InitMsg, stdio: Stdio, rootfs: Option<&OwnedFd>) -> Result<(), Error> {
+    /// Sends the message with the process's stdio and `extra` descriptors attached
+    /// (SCM_RIGHTS) and closes the socket: the helper reads to EOF.
+    fn send(&mut self, msg: &InitMsg, stdio: Stdio, extra: &[OwnedFd]) -> Result<(), Error> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         let buf =
             serde_json::to_vec(msg).map_err(|e| setup("encode spec")(std::io::Error::other(e)))?;
@@ -250,7 +250,7 @@ impl Helper {
             stdio.stdout.as_raw_fd(),
             stdio.stderr.as_raw_fd(),
         ];
-        fds.extend(rootfs.map(|m| m.as_raw_fd()));
+        fds.extend(extra.iter().map(|f| f.as_raw_fd()));
         let iov = [std::io::IoSlice::new(&buf)];
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let sent = match sendmsg::<()>(fd.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
@@ -420,74 +420,90 @@ fn start_inner(
     spare: Option<Spare>,
     helper: &mut Option<Helper>,
 ) -> Result<Started, Error> {
-    let rootfs_mount = rootfs::detached_overlay(&spec.rootfs, spec.idmap.as_ref())
-        .map_err(setup("mount rootfs"))?;
-    let h = match spare {
-        // Its cgroup was made and joined ahead of time: it only needs our name, and a
-        // user-namespaced one its id map, before it may exec the helper.
-        Some(spare) => {
-            let h = helper.insert(spare.helper);
-            spare
-                .cgroup
-                .rename_to(&spec.cgroup)
-                .map_err(setup("claim spare cgroup"))?;
-            cg.apply(&spec.limits)
-                .map_err(setup("apply cgroup limits"))?;
-            delegate_if_nesting(spec, cg)?;
-            if let Some(m) = &spec.idmap {
-                namespaces::write_id_maps(h.pid, m)
-                    .map_err(setup("write user namespace id maps"))?;
-                h.release()?;
-            }
-            h
-        }
-        None => {
-            cg.create().map_err(setup("create cgroup"))?;
-            cg.apply(&spec.limits)
-                .map_err(setup("apply cgroup limits"))?;
-            delegate_if_nesting(spec, cg)?;
-            let h = helper.insert(Helper::spawn(
-                namespaces::clone_flags(spec.idmap.is_some()),
-                Some(cg),
-            )?);
-            if let Some(m) = &spec.idmap {
-                namespaces::write_id_maps(h.pid, m)
-                    .map_err(setup("write user namespace id maps"))?;
-            }
-            h.release()?;
-            if !h.in_cgroup {
-                cg.add_process(h.pid).map_err(setup("add init to cgroup"))?;
-            }
-            h
-        }
-    };
-    let start_time = proc_start_time(h.pid)
-        .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
-    if let NetworkMode::Bridge {
-        bridge,
-        host_ifname,
-        address,
-        prefix,
-        gateway,
-    } = &spec.network
-    {
-        // Before the container runs anything: its first process sees eth0 up. The veth
-        // goes with the network namespace if anything below fails.
-        let att = crate::network::Attachment {
-            host_ifname: host_ifname.clone(),
-            address: *address,
-            prefix: *prefix,
-            gateway: *gateway,
+    // The veth is made on a second thread as soon as the helper (so its network namespace)
+    // exists, while this one sets up the cgroup and the rootfs; the helper execs meanwhile.
+    std::thread::scope(|scope| {
+        let attach_network = |pid: i32| {
+            let NetworkMode::Bridge {
+                bridge,
+                host_ifname,
+                address,
+                prefix,
+                gateway,
+            } = &spec.network
+            else {
+                return None;
+            };
+            let att = crate::network::Attachment {
+                host_ifname: host_ifname.clone(),
+                address: *address,
+                prefix: *prefix,
+                gateway: *gateway,
+            };
+            Some(scope.spawn(move || crate::network::attach(pid, bridge, &att)))
         };
-        crate::network::attach(h.pid, bridge, &att)
-            .map_err(|e| setup("attach network")(std::io::Error::other(e.to_string())))?;
-    }
-    let msg = InitMsg::Start { spec: spec.clone() };
-    h.send(&msg, stdio, Some(&rootfs_mount))?;
-    h.wait_status()?;
-    Ok(Started {
-        pid: h.pid,
-        start_time,
+        let network;
+        let h = match spare {
+            // Its cgroup was made and joined ahead of time: it only needs our name, and a
+            // user-namespaced one its id map, before it may exec the helper.
+            Some(spare) => {
+                let h = helper.insert(spare.helper);
+                if let Err(e) = spare.cgroup.rename_to(&spec.cgroup) {
+                    h.kill_and_reap();
+                    let _ = cgroups::manager(&spare.cgroup.path).remove();
+                    return Err(setup("claim spare cgroup")(e));
+                }
+                network = attach_network(h.pid);
+                cg.apply(&spec.limits)
+                    .map_err(setup("apply cgroup limits"))?;
+                delegate_if_nesting(spec, cg)?;
+                if let Some(m) = &spec.idmap {
+                    namespaces::write_id_maps(h.pid, m)
+                        .map_err(setup("write user namespace id maps"))?;
+                    h.release()?;
+                }
+                h
+            }
+            None => {
+                cg.create().map_err(setup("create cgroup"))?;
+                cg.apply(&spec.limits)
+                    .map_err(setup("apply cgroup limits"))?;
+                delegate_if_nesting(spec, cg)?;
+                let h = helper.insert(Helper::spawn(
+                    namespaces::clone_flags(spec.idmap.is_some()),
+                    Some(cg),
+                )?);
+                network = attach_network(h.pid);
+                if let Some(m) = &spec.idmap {
+                    namespaces::write_id_maps(h.pid, m)
+                        .map_err(setup("write user namespace id maps"))?;
+                }
+                h.release()?;
+                if !h.in_cgroup {
+                    cg.add_process(h.pid).map_err(setup("add init to cgroup"))?;
+                }
+                h
+            }
+        };
+        let rootfs_mount = rootfs::detached_overlay(&spec.rootfs, spec.idmap.as_ref())
+            .map_err(setup("mount rootfs"))?;
+        let start_time = proc_start_time(h.pid)
+            .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
+        // Before the container runs anything: its first process sees eth0 up. The veth
+        // goes with the network namespace if anything fails.
+        if let Some(attaching) = network {
+            attaching
+                .join()
+                .map_err(|_| Error::Init("attaching the network panicked".into()))?
+                .map_err(|e| setup("attach network")(std::io::Error::other(e.to_string())))?;
+        }
+        let msg = InitMsg::Start { spec: spec.clone() };
+        h.send(&msg, stdio, std::slice::from_ref(&rootfs_mount))?;
+        h.wait_status()?;
+        Ok(Started {
+            pid: h.pid,
+            start_time,
+        })
     })
 }
 
@@ -534,13 +550,50 @@ impl SpareCgroup {
 pub struct Pool {
     /// Parent of the spares' cgroups: a claim must be for a container under it.
     root: String,
-    size: usize,
-    spares: std::sync::Mutex<Vec<Spare>>,
-    /// One refill at a time; a refill asked for meanwhile is covered by its loop.
-    refilling: std::sync::atomic::AtomicBool,
+    spares: Reserve<Spare>,
     /// Spares for user-namespaced containers: they wait for their id map before they
     /// exec the helper.
     userns: bool,
+}
+
+/// Processes spawned ahead of time and topped up to `size` off the request path.
+struct Reserve<T> {
+    size: usize,
+    items: std::sync::Mutex<Vec<T>>,
+    /// One refill at a time; a refill asked for meanwhile is covered by its loop.
+    refilling: std::sync::atomic::AtomicBool,
+}
+
+impl<T> Reserve<T> {
+    fn new(size: usize) -> Self {
+        Reserve {
+            size,
+            items: std::sync::Mutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn items(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tops up with `spawn`, blocking; the first failure is logged and ends it.
+    fn refill(&self, what: &str, spawn: impl Fn() -> Result<T, Error>) {
+        use std::sync::atomic::Ordering;
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        while self.items().len() < self.size {
+            match spawn() {
+                Ok(item) => self.items().push(item),
+                Err(e) => {
+                    tracing::warn!("{what}: cannot spawn a spare helper: {e}");
+                    break;
+                }
+            }
+        }
+        self.refilling.store(false, Ordering::Release);
+    }
 }
 
 impl Pool {
@@ -551,9 +604,7 @@ impl Pool {
         }
         Some(Pool {
             root: root.trim_matches('/').to_string(),
-            size,
-            spares: std::sync::Mutex::new(Vec::new()),
-            refilling: std::sync::atomic::AtomicBool::new(false),
+            spares: Reserve::new(size),
             userns,
         })
     }
@@ -572,7 +623,7 @@ impl Pool {
         if spec.idmap.is_some() != self.userns || parent != Some(self.root.as_str()) {
             return None;
         }
-        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spares = self.spares.items();
         // A spare that died meanwhile (killed from outside) is dropped.
         while let Some(mut s) = spares.pop() {
             if proc_start_time(s.helper.pid).is_some() {
@@ -586,28 +637,8 @@ impl Pool {
     /// Tops the pool up; blocking (each spare costs a cgroup move). Call it off the
     /// request path, e.g. after each start.
     pub fn refill(&self) {
-        use std::sync::atomic::Ordering;
-        if self.refilling.swap(true, Ordering::AcqRel) {
-            return;
-        }
         // Moves made back to back share one grace period: only the first one waits.
-        loop {
-            if self.spares.lock().unwrap_or_else(|p| p.into_inner()).len() >= self.size {
-                break;
-            }
-            match self.spawn_spare() {
-                Ok(s) => self
-                    .spares
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(s),
-                Err(e) => {
-                    tracing::warn!("container pool: cannot spawn a spare helper: {e}");
-                    break;
-                }
-            }
-        }
-        self.refilling.store(false, Ordering::Release);
+        self.spares.refill("container pool", || self.spawn_spare());
     }
 
     fn spawn_spare(&self) -> Result<Spare, Error> {
@@ -646,10 +677,58 @@ impl Pool {
 
     /// Kills the spares and removes their cgroups, also those a previous daemon left.
     pub fn drain(&self) {
-        for mut s in std::mem::take(&mut *self.spares.lock().unwrap_or_else(|p| p.into_inner())) {
+        for mut s in std::mem::take(&mut *self.spares.items()) {
             s.discard();
         }
         remove_stale_spares(&self.root);
+    }
+}
+
+/// Exec helpers started ahead of time (cgroup v1): an `exec` then skips forking the
+/// daemon and executing our binary (about 2 ms here), and the helper joins the
+/// container's cgroup itself through the `tasks` files sent with its message. They are
+/// in no namespace or cgroup of any container until then. On v2 an exec helper is
+/// cloned straight into the cgroup, which a spare could not do, so there are none.
+pub struct ExecSpares(Reserve<Helper>);
+
+impl ExecSpares {
+    /// `size` spares; `None` where they would not help (v2, or a size of 0).
+    pub fn new(size: usize) -> Option<ExecSpares> {
+        if size == 0 || cgroups::Layout::detect() == cgroups::Layout::V2 {
+            return None;
+        }
+        Some(ExecSpares(Reserve::new(size)))
+    }
+
+    /// Tops the spares up; blocking, so call it off the request path.
+    pub fn refill(&self) {
+        self.0.refill("exec helpers", || {
+            let mut h = Helper::spawn(0, None)?;
+            // It execs our binary now and then waits for its message.
+            if let Err(e) = h.release() {
+                h.kill_and_reap();
+                return Err(e);
+            }
+            Ok(h)
+        });
+    }
+
+    fn take(&self) -> Option<Helper> {
+        let mut spares = self.0.items();
+        while let Some(mut h) = spares.pop() {
+            if proc_start_time(h.pid).is_some() {
+                return Some(h);
+            }
+            h.kill_and_reap();
+        }
+        None
+    }
+
+    /// Kills the spares.
+    pub fn drain(&self) {
+        for mut h in std::mem::take(&mut *self.0.items()) {
+            h.kill_and_reap();
+        }
     }
 }
 
@@ -725,15 +804,29 @@ pub fn exec(
     init_pid: i32,
     process: &ProcessSpec,
     stdio: Stdio,
+    spares: Option<&ExecSpares>,
 ) -> Result<Started, Error> {
     validate_process(process)?;
     if init_pid <= 0 {
         return Err(Error::InvalidSpec(format!("bad init pid {init_pid}")));
     }
     let cg = cgroups::manager(&spec.cgroup);
-    let mut h = Helper::spawn(0, Some(cg.as_ref()))?;
+    let (mut h, tasks_files) = match spares.and_then(ExecSpares::take) {
+        Some(mut h) => {
+            let files = self_move_fds(cg.as_ref());
+            h.in_cgroup = !files.is_empty();
+            (h, files)
+        }
+        None => {
+            let mut h = Helper::spawn(0, Some(cg.as_ref()))?;
+            if let Err(e) = h.release() {
+                h.kill_and_reap();
+                return Err(e);
+            }
+            (h, vec![])
+        }
+    };
     let r = (|| {
-        h.release()?;
         if !h.in_cgroup {
             cg.add_process(h.pid)
                 .map_err(setup("add exec helper to cgroup"))?;
@@ -747,7 +840,7 @@ pub fn exec(
                 process: process.clone(),
             },
             stdio,
-            None,
+            &tasks_files,
         )?;
         h.wait_status()?;
         Ok(Started {
@@ -899,14 +992,18 @@ fn exit_code(err: &InitError) -> i32 {
 /// Entry point of the re-executed helper; never returns.
 pub fn init_main() -> ! {
     let r = std::panic::catch_unwind(|| {
-        let (msg, rootfs) = helper_prologue()?;
+        let (msg, extra) = helper_prologue()?;
         match msg {
-            InitMsg::Start { spec } => init_start(&spec, rootfs.as_ref()),
+            InitMsg::Start { spec } => init_start(&spec, extra.first()),
             InitMsg::Exec {
                 spec,
                 init_pid,
                 process,
-            } => init_exec(&spec, init_pid, &process),
+            } => {
+                // A spare helper gets the container's cgroup `tasks` files with the message.
+                join_cgroup(extra.iter().map(|f| f.as_raw_fd()))?;
+                init_exec(&spec, init_pid, &process)
+            }
         }
     });
     let err = match r {
@@ -924,7 +1021,7 @@ pub fn init_main() -> ! {
     std::process::exit(exit_code(&err))
 }
 
-fn helper_prologue() -> InitResult<(InitMsg, Option<OwnedFd>)> {
+fn helper_prologue() -> InitResult<(InitMsg, Vec<OwnedFd>)> {
     // SAFETY: fd flag changes and closing descriptors nobody else in this process uses.
     unsafe {
         libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
@@ -933,21 +1030,11 @@ fn helper_prologue() -> InitResult<(InitMsg, Option<OwnedFd>)> {
         // container processes from opening it (the CVE-2019-5736 pattern).
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
-    // Still single-threaded, so moving this thread moves the whole process.
     let moves: RawFd = std::env::args()
         .nth(2)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    for fd in SELF_MOVE_FD..SELF_MOVE_FD + moves {
-        // SAFETY: writing one byte from a static buffer to an inherited descriptor.
-        if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
-            return Err((
-                "join the container's cgroup",
-                std::io::Error::last_os_error(),
-            )
-                .into());
-        }
-    }
+    join_cgroup(SELF_MOVE_FD..SELF_MOVE_FD + moves)?;
     // SAFETY: closing descriptors nobody else in this process uses.
     unsafe {
         // Anything else inherited from the daemon must not reach the container.
@@ -958,17 +1045,37 @@ fn helper_prologue() -> InitResult<(InitMsg, Option<OwnedFd>)> {
     Ok((msg, extra))
 }
 
+/// Moves this process into a cgroup v1 group by writing `0` to each of its `tasks` files
+/// (see `self_move_fds`). Still single-threaded, so moving this thread moves the process.
+fn join_cgroup(tasks_files: impl Iterator<Item = RawFd>) -> InitResult<()> {
+    for fd in tasks_files {
+        // SAFETY: writing one byte from a static buffer to a descriptor we own.
+        if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err((
+                "join the container's cgroup",
+                std::io::Error::last_os_error(),
+            )
+                .into());
+        }
+    }
+    Ok(())
+}
+
+/// Most descriptors a message carries: stdio, and a rootfs mount or a `tasks` file per
+/// cgroup v1 hierarchy.
+const MAX_MESSAGE_FDS: usize = 32;
+
 /// Reads the message to EOF; the stdio descriptors that come with it become 0, 1 and 2,
-/// and a fourth one (the rootfs mount) is returned.
-fn receive_message() -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
+/// and the others (a rootfs mount, or cgroup `tasks` files) are returned.
+fn receive_message() -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::FromRawFd;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut stdio_set = false;
-    let mut extra = None;
+    let mut extra = Vec::new();
     loop {
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_MESSAGE_FDS]);
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(
             CTL_FD,
@@ -981,9 +1088,9 @@ fn receive_message() -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
         for c in msg.cmsgs().map_err(errno_io)? {
             if let ControlMessageOwned::ScmRights(fds) = c {
                 for (i, fd) in fds.iter().enumerate() {
-                    if i == 3 && !stdio_set {
+                    if i >= 3 && !stdio_set {
                         // SAFETY: a descriptor we just received, now owned here.
-                        extra = Some(unsafe { OwnedFd::from_raw_fd(*fd) });
+                        extra.push(unsafe { OwnedFd::from_raw_fd(*fd) });
                         continue;
                     }
                     if i < 3 && !stdio_set {

@@ -375,21 +375,30 @@ fn container_basics_exec_destroy(env: &Env) {
         ..spec.process.clone()
     };
     let (io, r) = stdio();
-    let e = process::exec(&spec, pid, &p(&["sh", "-c", "exit 7"]), io).expect("exec");
+    let e = process::exec(&spec, pid, &p(&["sh", "-c", "exit 7"]), io, None).expect("exec");
     drop(r);
     assert_eq!(wait(e.pid), 7);
+    // The rest through helpers started ahead of time, where there are any (cgroup v1).
+    let spares = process::ExecSpares::new(2);
+    if let Some(s) = &spares {
+        s.refill();
+    }
     let (io, r) = stdio();
     let e = process::exec(
         &spec,
         pid,
-        &p(&["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; grep -E '^(CapEff|Seccomp)' /proc/self/status"]),
+        &p(&["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; grep -E '^(CapEff|Seccomp)' /proc/self/status; grep -E '^[0-9]+:(memory)?:' /proc/self/cgroup"]),
         io,
+        spares.as_ref(),
     )
     .expect("exec");
     assert_eq!(wait(e.pid), 0);
     let out = read_all(r);
     eprint!("{out}");
     assert!(out.starts_with("host-basic\nsleep 1000"), "{out}");
+    // In the container's cgroup: the root of its cgroup namespace.
+    let memory_cgroup = out.lines().last().unwrap();
+    assert!(memory_cgroup.ends_with(":/"), "{out}");
     assert_eq!(
         u64::from_str_radix(field(&out, "CapEff:"), 16).unwrap(),
         cap_eff
@@ -397,12 +406,13 @@ fn container_basics_exec_destroy(env: &Env) {
     assert_eq!(field(&out, "Seccomp:"), "2");
     // A killed exec'd process: 128+9.
     let (io, r) = stdio();
-    let e = process::exec(&spec, pid, &p(&["sh", "-c", "kill -9 $$"]), io).expect("exec");
+    let e = process::exec(&spec, pid, &p(&["sh", "-c", "kill -9 $$"]), io, spares.as_ref())
+        .expect("exec");
     drop(r);
     assert_eq!(wait(e.pid), 137);
     // Missing command.
     let (io, _r) = stdio();
-    match process::exec(&spec, pid, &p(&["nope"]), io) {
+    match process::exec(&spec, pid, &p(&["nope"]), io, spares.as_ref()) {
         Err(Error::CommandNotFound(m)) => {
             assert_eq!(m, "exec: \"nope\": executable file not found in $PATH")
         }
@@ -465,7 +475,12 @@ fn user_namespace(env: &Env) {
         "-c".into(),
         "cat /proc/self/uid_map; id -u".into(),
     ];
-    let e = process::exec(&spec, s.pid, &p, io2).expect("exec in userns");
+    // Through a spare helper where there are any: it joins the user namespace by setns.
+    let spares = process::ExecSpares::new(1);
+    if let Some(s) = &spares {
+        s.refill();
+    }
+    let e = process::exec(&spec, s.pid, &p, io2, spares.as_ref()).expect("exec in userns");
     assert_eq!(wait(e.pid), 0);
     let o = read_all(r2);
     assert!(o.contains("200000") && o.ends_with("\n0\n"), "{o}");
@@ -794,7 +809,7 @@ fn pure_v2_in_private_mount_ns(env: &Env) {
         args: vec!["sh".into(), "-c".into(), "cat /proc/self/cgroup".into()],
         ..spec.process.clone()
     };
-    let e = process::exec(&spec, s.pid, &p, io).expect("exec on v2");
+    let e = process::exec(&spec, s.pid, &p, io, None).expect("exec on v2");
     assert_eq!(wait(e.pid), 0);
     assert!(read_all(r).lines().any(|l| l == "0::/"));
     process::destroy(&spec).expect("destroy on v2");

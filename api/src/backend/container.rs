@@ -27,6 +27,8 @@ pub struct ContainerBackend {
     /// Pre-spawned helpers (cgroup v1 only), refilled after each start: one pool for
     /// unprivileged (user-namespaced) containers, one for privileged ones.
     pools: Vec<Arc<process::Pool>>,
+    /// Exec helpers started ahead of time (cgroup v1 only), refilled after each exec.
+    exec_spares: Option<Arc<process::ExecSpares>>,
     /// The bridge instances attach to (`None`: loopback only).
     bridge: Option<BridgeConfig>,
     /// `<state>/bundle`: the `ltv` that system containers get at `/.ltv`.
@@ -77,6 +79,7 @@ impl ContainerBackend {
             images,
             cgroup_root,
             pools,
+            exec_spares: process::ExecSpares::new(pool_size).map(Arc::new),
             bridge,
             bundle_cache,
             bundle: std::sync::OnceLock::new(),
@@ -87,6 +90,7 @@ impl ContainerBackend {
         for pool in &backend.pools {
             backend.refill(pool.clone());
         }
+        backend.refill_exec_spares();
         backend
     }
 
@@ -98,6 +102,12 @@ impl ContainerBackend {
     fn refill(&self, pool: Arc<process::Pool>) {
         // A dedicated thread: the refill waits on the kernel, not the runtime.
         std::thread::spawn(move || pool.refill());
+    }
+
+    fn refill_exec_spares(&self) {
+        if let Some(spares) = self.exec_spares.clone() {
+            std::thread::spawn(move || spares.refill());
+        }
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -646,9 +656,13 @@ impl Backend for ContainerBackend {
             req.tty,
         )?;
         let spec = self.spec(instance, image, process.clone()).await?;
-        let started = blocking(move || process::exec(&spec, pid, &process, stdio))
-            .await?
-            .map_err(runtime_error)?;
+        let spares = self.exec_spares.clone();
+        let started =
+            blocking(move || process::exec(&spec, pid, &process, stdio, spares.as_deref()))
+                .await?
+                .map_err(runtime_error);
+        self.refill_exec_spares();
+        let started = started?;
         Ok(Started {
             pid: started.pid,
             start_time: started.start_time,
@@ -734,6 +748,9 @@ impl Backend for ContainerBackend {
     async fn shutdown(&self) {
         for pool in self.pools.clone() {
             let _ = blocking(move || pool.drain()).await;
+        }
+        if let Some(spares) = self.exec_spares.clone() {
+            let _ = blocking(move || spares.drain()).await;
         }
     }
 
