@@ -542,11 +542,11 @@ impl SpareCgroup {
 
 /// Pre-spawned container helpers (cgroup v1), with or without a user namespace.
 ///
-/// A spare is cloned with its namespaces ahead of time and moved by pid into a cgroup of
-/// its own (that move waits for an RCU grace period, off the request path), which is
-/// renamed to the container's when claimed (renaming is cheap). A start without a spare
-/// makes the namespaces then and lets the helper move itself (see `self_move_fds`). On
-/// v2, CLONE_INTO_CGROUP makes the move free and the pool stays unused.
+/// A spare is cloned with its namespaces ahead of time, with the `tasks` files of a
+/// cgroup of its own, which is renamed to the container's when claimed (renaming is
+/// cheap); the helper moves itself in once it runs (see `self_move_fds`), which for a
+/// user-namespaced spare is after the claim. A start without a spare makes the
+/// namespaces then. On v2, CLONE_INTO_CGROUP makes the move free and the pool stays unused.
 pub struct Pool {
     /// Parent of the spares' cgroups: a claim must be for a container under it.
     root: String,
@@ -634,10 +634,9 @@ impl Pool {
         None
     }
 
-    /// Tops the pool up; blocking (each spare costs a cgroup move). Call it off the
-    /// request path, e.g. after each start.
+    /// Tops the pool up; blocking (each spare costs a clone of its namespaces). Call it
+    /// off the request path, e.g. after each start.
     pub fn refill(&self) {
-        // Moves made back to back share one grace period: only the first one waits.
         self.spares.refill("container pool", || self.spawn_spare());
     }
 
@@ -650,10 +649,16 @@ impl Pool {
         let cg = cgroups::manager(&path);
         cg.create().map_err(setup("create spare cgroup"))?;
         let spare = (|| {
-            let mut h = Helper::spawn(namespaces::clone_flags(self.userns), None)?;
+            // It moves itself in once it runs (see `self_move_fds`): a move by pid would hold
+            // the kernel's cgroup_mutex through an RCU grace period (6-16 ms here), stalling
+            // every other cgroup operation, those of requests too.
+            let mut h = Helper::spawn(namespaces::clone_flags(self.userns), Some(cg.as_ref()))?;
             // A user-namespaced spare may not run before its id map exists.
             let released = if self.userns { Ok(()) } else { h.release() };
             let joined = released.and_then(|_| {
+                if h.in_cgroup {
+                    return Ok(());
+                }
                 cg.add_process(h.pid)
                     .map_err(setup("add spare helper to cgroup"))
             });
