@@ -42,7 +42,8 @@ pub enum Command {
         /// Guest kernel for microVMs (default: the newest guest-kernel/build.sh built).
         #[arg(long, env = "LTV_KERNEL")]
         kernel: Option<PathBuf>,
-        /// Bridge for instance networking, created if missing; `none` for loopback only.
+        /// Bridge for instance networking, created if missing; `none`: instances get
+        /// loopback only.
         #[arg(long, default_value = "ltvbr0")]
         bridge: String,
         /// The bridge's IPv4 subnet; the daemon hands out static addresses in it.

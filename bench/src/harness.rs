@@ -102,11 +102,14 @@ pub struct Harness {
     undo: Vec<Vec<OsString>>,
     /// A mount namespace without the cgroup2 mount, for crun on hybrid hosts.
     peer_mntns: Option<File>,
+    /// The daemon runs with `--bridge none`.
+    loopback_only: bool,
     cleaned: bool,
 }
 
 impl Harness {
-    pub fn start(ltv: &Path) -> Result<Harness, String> {
+    /// `loopback_only`: the daemon under test gets no bridge (`--bridge none`).
+    pub fn start(ltv: &Path, loopback_only: bool) -> Result<Harness, String> {
         let pid = std::process::id();
         // /var/tmp: survives /tmp cleaners during long runs, and is a disk (overlay upper dirs).
         let base = std::env::var_os("LTV_BENCH_TMPDIR")
@@ -134,6 +137,7 @@ impl Harness {
             server: Value::Null,
             undo: Vec::new(),
             peer_mntns: None,
+            loopback_only,
             cleaned: false,
         };
         let st = Command::new("ip")
@@ -155,6 +159,11 @@ impl Harness {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--cgroup-root", &self.cgroup_root])
+            .args(if self.loopback_only {
+                &["--bridge", "none"][..]
+            } else {
+                &[]
+            })
             .env("LTV_SOCKET", &self.socket)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)

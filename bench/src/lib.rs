@@ -45,6 +45,15 @@ pub struct BenchArgs {
     /// Initramfs for the qemu peer.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// Start suite: pause before each measured container operation (ms), so that what
+    /// the previous one left running in the background is not counted against the next.
+    /// 0 measures back to back.
+    #[arg(long, default_value_t = 100)]
+    pub settle_ms: u64,
+    /// Networking of ltv's instances: `bridge` (a veth each, the daemon's default) or
+    /// `none` (loopback only, like the crun and LXC peers' configurations).
+    #[arg(long, default_value = "bridge", value_parser = ["bridge", "none"])]
+    pub network: String,
 }
 
 pub const SUITES: &[&str] = &["start", "density", "overhead", "pagecache", "isolation"];
@@ -69,7 +78,7 @@ pub fn run(args: &BenchArgs, ltv: &Path) -> i32 {
         return 1;
     }
     harness::install_signal_flag();
-    let mut h = match Harness::start(ltv) {
+    let mut h = match Harness::start(ltv, args.network == "none") {
         Ok(h) => h,
         Err(e) => {
             eprintln!("Error: starting the daemon under test: {e}");

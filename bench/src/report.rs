@@ -60,6 +60,7 @@ impl Report {
                 "kinds": args.kinds, "count": args.count, "peers": args.peers,
                 "warmup": args.warmup, "memory_budget_pct": args.memory_budget,
                 "kernel": args.kernel, "initrd": args.initrd,
+                "settle_ms": args.settle_ms, "network": args.network,
             }),
             environment: environment(h),
             skipped: Vec::new(),
@@ -127,6 +128,18 @@ impl Report {
             env["daemon_kinds"],
             self.duration_s,
             if self.interrupted { " (INTERRUPTED: partial results)" } else { "" }
+        );
+        md += &format!(
+            "ltv instances' network: {}.{}\n\n",
+            self.args["network"].as_str().unwrap_or("?"),
+            if self.suite == "start" {
+                format!(
+                    " Pause before each measured operation: {} ms.",
+                    self.args["settle_ms"]
+                )
+            } else {
+                String::new()
+            }
         );
         if !self.series.is_empty() {
             md += "| subject | metric | n | p50 | p95 | max | failures |\n|---|---|---|---|---|---|---|\n";

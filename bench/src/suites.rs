@@ -183,9 +183,11 @@ impl Subject {
             Subject::Kind { spec, prefix } => {
                 if spec.leaf() == "app" && !spec.nested() {
                     let mut c = h.ltv_cmd(&["run", "--rm", IMAGE, "--", "/bin/true"]);
+                    settle(args);
                     out.push(("run", timed(&mut c).map(|r| r.0)));
                 }
                 let name = join(prefix, &format!("st{i}"));
+                settle(args);
                 let t = Instant::now();
                 let r = h
                     .ltv_ok(&launch_args(spec.leaf(), &name, IMAGE, &[]))
@@ -193,16 +195,20 @@ impl Subject {
                     .map(|_| t.elapsed().as_secs_f64() * 1e3);
                 out.push(("launch+exec", r));
                 let mut c = h.ltv_cmd(&["delete", "--force", &name]);
+                settle(args);
                 out.push(("delete", timed(&mut c).map(|r| r.0)));
             }
             Subject::Oci { tool, bundle } => {
                 let name = format!("ltvb-true-{i}");
+                settle(args);
                 out.push(("run", peers::oci_run(h, tool, bundle, &name)));
             }
             Subject::Lxc(l) => {
                 let name = format!("ltvb-lxc-{i}");
+                settle(args);
                 let r = l.start_exec(h, &name);
                 out.push(("launch+exec", r));
+                settle(args);
                 out.push(("delete", l.stop(h, &name)));
             }
             Subject::Qemu => {
@@ -215,6 +221,16 @@ impl Subject {
         }
         out
     }
+}
+
+/// Each measured container operation starts on a quiet host, so that what the one
+/// before left running in the background (ltv's spare helpers being refilled, a veth
+/// being deleted, LXC's monitor exiting) is not counted against the next subject.
+/// Measured: crun's `run` took 18 ms interleaved with ltv without this, 11 ms alone.
+/// The pause leaves the CPUs idle, which costs the peers more than ltv: their moves into
+/// a cgroup wait for an RCU grace period, which takes longer on an idle host.
+fn settle(args: &BenchArgs) {
+    std::thread::sleep(std::time::Duration::from_millis(args.settle_ms));
 }
 
 pub fn start(
@@ -324,7 +340,8 @@ pub fn start(
         plot::boxplot(&args.out.join(&file), title, "ms", &groups)?;
         report.plots.push(file);
     }
-    report.results = json!({ "rounds": count, "warmup_rounds": args.warmup });
+    report.results =
+        json!({ "rounds": count, "warmup_rounds": args.warmup, "settle_ms": args.settle_ms });
     Ok(())
 }
 

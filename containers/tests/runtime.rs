@@ -406,8 +406,14 @@ fn container_basics_exec_destroy(env: &Env) {
     assert_eq!(field(&out, "Seccomp:"), "2");
     // A killed exec'd process: 128+9.
     let (io, r) = stdio();
-    let e = process::exec(&spec, pid, &p(&["sh", "-c", "kill -9 $$"]), io, spares.as_ref())
-        .expect("exec");
+    let e = process::exec(
+        &spec,
+        pid,
+        &p(&["sh", "-c", "kill -9 $$"]),
+        io,
+        spares.as_ref(),
+    )
+    .expect("exec");
     drop(r);
     assert_eq!(wait(e.pid), 137);
     // Missing command.

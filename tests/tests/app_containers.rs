@@ -460,3 +460,45 @@ fn state_dir_unprivileged_containers_cannot_reach_is_refused() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("chmod o+x"), "{}", stderr(&out));
 }
+
+#[test]
+fn daemon_without_bridge_gives_loopback_only_by_default() {
+    require_root!();
+    // On the host's network with `--bridge none`: nothing is attached to it.
+    let d = TestDaemon::start_with_host_network();
+    d.build_busybox();
+    d.ok(&[
+        "launch", "busybox", "lo-only", "--kind", "app", "--", "sleep", "60",
+    ]);
+    let i = d.instance("lo-only");
+    assert_eq!(i["config"]["network"], "none", "{i}");
+    assert!(i["address"].is_null(), "{i}");
+    let links = d.ok(&["exec", "lo-only", "--", "ls", "/sys/class/net"]);
+    assert_eq!(
+        links.split_whitespace().collect::<Vec<_>>(),
+        ["lo"],
+        "{links}"
+    );
+    // Asking for the bridge it does not have is still an error.
+    let out = d.ltv(&[
+        "launch",
+        "busybox",
+        "br",
+        "--kind",
+        "app",
+        "--network",
+        "bridge",
+        "--",
+        "sleep",
+        "60",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("without a bridge"),
+        "{}",
+        stderr(&out)
+    );
+    d.ok(&["delete", "--force", "lo-only"]);
+    d.assert_no_leftovers("lo-only");
+    d.assert_no_leftovers("br");
+}

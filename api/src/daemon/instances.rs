@@ -68,13 +68,18 @@ impl Daemon {
         }
         let backend = self.backend(req.kind)?;
         let image = self.image_of(&req.image)?;
+        let mut config = req.config.clone();
+        // A daemon started with `--bridge none` has only loopback to give.
+        if self.config.bridge.is_none() && config.network.is_none() {
+            config.network = Some("none".into());
+        }
         let instance = Instance {
             name: name.clone(),
             kind: req.kind,
             image: req.image.clone(),
             image_fingerprint: image.fingerprint.clone(),
             parent: None,
-            config: req.config.clone(),
+            config,
             status: Status::Created,
             pid: None,
             exit_code: None,
