@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Prints the README's `ltv bench` tables from two runs of the same suites.
 
-    bench/perf-section.py --start OUT1 OUT2 --density OUT1 OUT2 [--density-lxc OUT1 OUT2]
+    bench/perf-section.py --start OUT1 OUT2 [--start OUT1 OUT2 ...] [--peers-alone OUT]
+        --density OUT1 OUT2 [--density-lxc OUT1 OUT2 ...]
 
 Each OUT is a `--out` directory of `ltv bench` (results.json). Medians of the two runs
-side by side, each ltv kind's ratio to its peer, and run 2 / run 1.
+side by side, each ltv kind's ratio to its peer, and run 2 / run 1. Each table says how
+it was run (pause before each start operation, the instances' network). --peers-alone
+is a start run without ltv kinds (`--kinds ''`): the peers back to back, undisturbed.
 """
 
 import argparse
@@ -57,6 +60,14 @@ def env_line(r):
     )
 
 
+def how(r):
+    a = r.get("args", {})
+    out = f"network `{a.get('network', 'bridge')}`"
+    if r.get("suite") == "start":
+        out = f"pause before each operation {a.get('settle_ms', 0)} ms, " + out
+    return out
+
+
 def start_table(r1, r2):
     rows = [
         ("app", "run", "crun", "`ltv run --rm busybox -- /bin/true` vs `crun run`"),
@@ -69,7 +80,7 @@ def start_table(r1, r2):
         ("lxc", "launch+exec", None, "LXC start + attach (peer)"),
         ("lxc", "delete", None, "LXC `lxc-stop -k` (peer)"),
     ]
-    out = "| start, median ms | run 1 | run 2 | run 2 / run 1 |\n|---|---|---|---|\n"
+    out = f"| start, median ms ({how(r1)}) | run 1 | run 2 | run 2 / run 1 |\n|---|---|---|---|\n"
     for subj, metric, peer, label in rows:
         a, b = p50(r1, subj, metric), p50(r2, subj, metric)
         pa = p50(r1, peer, metric) if peer else None
@@ -99,7 +110,7 @@ def density_last(r, subject):
 
 def density_table(r1, r2, subjects, peer_of):
     out = (
-        "| density | count | host KiB/inst: up, down, **mean** (run 1) | run 2 | cgroup KiB/inst median: run 1 | run 2 "
+        f"| density ({how(r1)}) | count | host KiB/inst: up, down, **mean** (run 1) | run 2 | cgroup KiB/inst median: run 1 | run 2 "
         "| launch p50 ms: run 1 | run 2 |\n|---|---|---|---|---|---|---|---|\n"
     )
     for s in subjects:
@@ -127,18 +138,27 @@ def density_table(r1, r2, subjects, peer_of):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--start", nargs=2, required=True)
+    ap.add_argument("--start", nargs=2, action="append", required=True)
+    ap.add_argument("--peers-alone")
     ap.add_argument("--density", nargs=2, required=True)
-    ap.add_argument("--density-lxc", nargs=2)
+    ap.add_argument("--density-lxc", nargs=2, action="append", default=[])
     a = ap.parse_args()
-    s1, s2 = load(a.start[0]), load(a.start[1])
+    starts = [(load(x), load(y)) for x, y in a.start]
     d1, d2 = load(a.density[0]), load(a.density[1])
-    t2 = datetime.datetime.fromtimestamp(s2["started_unix"], datetime.timezone.utc)
-    print(f"Run 1: {env_line(s1)}. Run 2: {t2:%Y-%m-%d %H:%M} UTC, same host.\n")
-    print(start_table(s1, s2))
+    last = max(r["started_unix"] for pair in starts for r in pair)
+    t2 = datetime.datetime.fromtimestamp(last, datetime.timezone.utc)
+    print(f"First run: {env_line(starts[0][0])}. Last run: {t2:%Y-%m-%d %H:%M} UTC, same host.\n")
+    for s1, s2 in starts:
+        print(start_table(s1, s2))
+    if a.peers_alone:
+        r = load(a.peers_alone)
+        print(
+            f"Peers alone ({how(r)}, no ltv in the run): crun `run` {fmt(p50(r, 'crun', 'run'))} ms, "
+            f"LXC start + attach {fmt(p50(r, 'lxc', 'launch+exec'))} ms, "
+            f"`lxc-stop -k` {fmt(p50(r, 'lxc', 'delete'))} ms.\n"
+        )
     print(density_table(d1, d2, ["app", "system"], {}))
-    if a.density_lxc:
-        l1, l2 = load(a.density_lxc[0]), load(a.density_lxc[1])
+    for l1, l2 in (tuple(map(load, pair)) for pair in a.density_lxc):
         print(density_table(l1, l2, ["system", "lxc"], {"system": "lxc"}))
 
 
