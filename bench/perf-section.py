@@ -2,7 +2,7 @@
 """Prints the README's `ltv bench` tables from two runs of the same suites.
 
     bench/perf-section.py --start OUT1 OUT2 [--start OUT1 OUT2 ...] [--peers-alone OUT]
-        --density OUT1 OUT2 [--density-lxc OUT1 OUT2 ...]
+        --density OUT1 OUT2 [--density-peers OUT1 OUT2 ...]
 
 Each OUT is a `--out` directory of `ltv bench` (results.json). Medians of the two runs
 side by side, each ltv kind's ratio to its peer, and run 2 / run 1. Each table says how
@@ -141,7 +141,8 @@ def main():
     ap.add_argument("--start", nargs=2, action="append", required=True)
     ap.add_argument("--peers-alone")
     ap.add_argument("--density", nargs=2, required=True)
-    ap.add_argument("--density-lxc", nargs=2, action="append", default=[])
+    # Density runs with peers: each ltv kind next to its peer (app-crun, system-lxc).
+    ap.add_argument("--density-peers", nargs=2, action="append", default=[])
     a = ap.parse_args()
     starts = [(load(x), load(y)) for x, y in a.start]
     d1, d2 = load(a.density[0]), load(a.density[1])
@@ -158,8 +159,10 @@ def main():
             f"`lxc-stop -k` {fmt(p50(r, 'lxc', 'delete'))} ms.\n"
         )
     print(density_table(d1, d2, ["app", "system"], {}))
-    for l1, l2 in (tuple(map(load, pair)) for pair in a.density_lxc):
-        print(density_table(l1, l2, ["system", "lxc"], {"system": "lxc"}))
+    for l1, l2 in (tuple(map(load, pair)) for pair in a.density_peers):
+        present = [s for s in ("app", "crun", "system", "lxc") if density_last(l1, s)]
+        peer_of = {k: p for k, p in (("app", "crun"), ("system", "lxc")) if p in present}
+        print(density_table(l1, l2, present, peer_of))
 
 
 if __name__ == "__main__":
