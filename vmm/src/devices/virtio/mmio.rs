@@ -211,7 +211,10 @@ impl MmioTransport {
                 }
             };
             let queue = match Queue::try_from(q.state()) {
-                Ok(q) => q,
+                Ok(mut q) => {
+                    q.set_event_idx(self.acked & super::VIRTIO_RING_F_EVENT_IDX != 0);
+                    q
+                }
                 Err(e) => {
                     eprintln!("ltv-vmm: {}: queue {i}: {e:?}", self.name);
                     self.status |= FAILED;
@@ -268,8 +271,9 @@ mod tests {
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
 
+    /// Records the acked features and whether event idx is on in its queue.
     struct Dummy {
-        activated: Arc<Mutex<Option<u64>>>,
+        activated: Arc<Mutex<Option<(u64, bool)>>>,
     }
 
     impl VirtioDevice for Dummy {
@@ -277,13 +281,14 @@ mod tests {
             2
         }
         fn features(&self) -> u64 {
-            super::super::VIRTIO_F_VERSION_1 | 1
+            super::super::VIRTIO_F_VERSION_1 | super::super::VIRTIO_RING_F_EVENT_IDX | 1
         }
         fn queue_sizes(&self) -> &[u16] {
             &[16]
         }
         fn activate(&mut self, a: Activation) -> Result<(), String> {
-            *self.activated.lock().unwrap() = Some(a.acked_features);
+            let event_idx = a.queues.iter().all(|q| q.queue.event_idx_enabled());
+            *self.activated.lock().unwrap() = Some((a.acked_features, event_idx));
             Ok(())
         }
     }
@@ -312,9 +317,9 @@ mod tests {
         wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER);
         wr(&mut t, 0x14, 1);
         assert_eq!(rd(&mut t, 0x10), 1, "VERSION_1 offered in the high word");
-        // Ack bit 0 and an unoffered bit 3: only bit 0 sticks.
+        // Ack bit 0, event idx and an unoffered bit 3: bit 3 does not stick.
         wr(&mut t, 0x24, 0);
-        wr(&mut t, 0x20, 0b1001);
+        wr(&mut t, 0x20, 0b1001 | 1 << 29);
         wr(&mut t, 0x24, 1);
         wr(&mut t, 0x20, 1);
         wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK);
@@ -327,7 +332,11 @@ mod tests {
         wr(&mut t, 0xa0, 0x3000);
         wr(&mut t, 0x44, 1);
         wr(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
-        assert_eq!(*activated.lock().unwrap(), Some((1 << 32) | 1));
+        assert_eq!(
+            *activated.lock().unwrap(),
+            Some(((1 << 32) | (1 << 29) | 1, true)),
+            "acked features, and event idx on in the queue"
+        );
         // Queue registers are frozen once the device runs.
         wr(&mut t, 0x38, 8);
         assert_eq!(t.queues[0].size(), 16);

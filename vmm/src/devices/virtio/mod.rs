@@ -16,6 +16,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// used_event/avail_event suppression: the transport turns it on in the queues when the
+/// driver accepts it; a device offers it only if its loop re-checks the queue after
+/// `enable_notification` (as blk does).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
