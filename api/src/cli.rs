@@ -36,7 +36,8 @@ pub enum Command {
         /// Top-level cgroup for this daemon's instances.
         #[arg(long, env = "LTV_CGROUP_ROOT", default_value = "ltv")]
         cgroup_root: String,
-        /// Container helpers kept pre-spawned to cut start latency (cgroup v1; 0 turns it off).
+        /// Container helpers kept pre-spawned to cut start and exec latency, of each kind
+        /// (cgroup v1; 0 turns them off).
         #[arg(long, default_value_t = 2)]
         pool: usize,
         /// Guest kernel for microVMs (default: the newest guest-kernel/build.sh built).
