@@ -230,6 +230,17 @@ impl Helper {
         })
     }
 
+    /// A helper outside any namespace of a container (for `exec`), already released: it
+    /// execs our binary now and then waits for its message.
+    fn spawn_released(cgroup: Option<&dyn CgroupManager>) -> Result<Helper, Error> {
+        let mut h = Helper::spawn(0, cgroup)?;
+        if let Err(e) = h.release() {
+            h.kill_and_reap();
+            return Err(e);
+        }
+        Ok(h)
+    }
+
     /// Lets the child exec the helper (one sync byte). The helper then blocks reading the
     /// message, so the cgroup move can overlap with its execve.
     fn release(&mut self) -> Result<(), Error> {
@@ -556,6 +567,33 @@ pub struct Pool {
     userns: bool,
 }
 
+/// What a `Reserve` holds: a process spawned ahead of time, and how to get rid of it.
+trait Reserved {
+    fn pid(&self) -> i32;
+    fn discard(&mut self);
+}
+
+impl Reserved for Spare {
+    fn pid(&self) -> i32 {
+        self.helper.pid
+    }
+
+    fn discard(&mut self) {
+        self.helper.kill_and_reap();
+        let _ = cgroups::manager(&self.cgroup.path).remove();
+    }
+}
+
+impl Reserved for Helper {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn discard(&mut self) {
+        self.kill_and_reap();
+    }
+}
+
 /// Processes spawned ahead of time and topped up to `size` off the request path.
 struct Reserve<T> {
     size: usize,
@@ -564,7 +602,7 @@ struct Reserve<T> {
     refilling: std::sync::atomic::AtomicBool,
 }
 
-impl<T> Reserve<T> {
+impl<T: Reserved> Reserve<T> {
     fn new(size: usize) -> Self {
         Reserve {
             size,
@@ -575,6 +613,24 @@ impl<T> Reserve<T> {
 
     fn items(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
         self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live one; those that died meanwhile (killed from outside) are discarded.
+    fn take(&self) -> Option<T> {
+        let mut items = self.items();
+        while let Some(mut item) = items.pop() {
+            if proc_start_time(item.pid()).is_some() {
+                return Some(item);
+            }
+            item.discard();
+        }
+        None
+    }
+
+    fn drain(&self) {
+        for mut item in std::mem::take(&mut *self.items()) {
+            item.discard();
+        }
     }
 
     /// Tops up with `spawn`, blocking; the first failure is logged and ends it.
@@ -623,15 +679,7 @@ impl Pool {
         if spec.idmap.is_some() != self.userns || parent != Some(self.root.as_str()) {
             return None;
         }
-        let mut spares = self.spares.items();
-        // A spare that died meanwhile (killed from outside) is dropped.
-        while let Some(mut s) = spares.pop() {
-            if proc_start_time(s.helper.pid).is_some() {
-                return Some(s);
-            }
-            s.discard();
-        }
-        None
+        self.spares.take()
     }
 
     /// Tops the pool up; blocking (each spare costs a clone of its namespaces). Call it
@@ -682,9 +730,7 @@ impl Pool {
 
     /// Kills the spares and removes their cgroups, also those a previous daemon left.
     pub fn drain(&self) {
-        for mut s in std::mem::take(&mut *self.spares.items()) {
-            s.discard();
-        }
+        self.spares.drain();
         remove_stale_spares(&self.root);
     }
 }
@@ -707,40 +753,17 @@ impl ExecSpares {
 
     /// Tops the spares up; blocking, so call it off the request path.
     pub fn refill(&self) {
-        self.0.refill("exec helpers", || {
-            let mut h = Helper::spawn(0, None)?;
-            // It execs our binary now and then waits for its message.
-            if let Err(e) = h.release() {
-                h.kill_and_reap();
-                return Err(e);
-            }
-            Ok(h)
-        });
+        self.0
+            .refill("exec helpers", || Helper::spawn_released(None));
     }
 
     fn take(&self) -> Option<Helper> {
-        let mut spares = self.0.items();
-        while let Some(mut h) = spares.pop() {
-            if proc_start_time(h.pid).is_some() {
-                return Some(h);
-            }
-            h.kill_and_reap();
-        }
-        None
+        self.0.take()
     }
 
     /// Kills the spares.
     pub fn drain(&self) {
-        for mut h in std::mem::take(&mut *self.0.items()) {
-            h.kill_and_reap();
-        }
-    }
-}
-
-impl Spare {
-    fn discard(&mut self) {
-        self.helper.kill_and_reap();
-        let _ = cgroups::manager(&self.cgroup.path).remove();
+        self.0.drain();
     }
 }
 
@@ -822,14 +845,7 @@ pub fn exec(
             h.in_cgroup = !files.is_empty();
             (h, files)
         }
-        None => {
-            let mut h = Helper::spawn(0, Some(cg.as_ref()))?;
-            if let Err(e) = h.release() {
-                h.kill_and_reap();
-                return Err(e);
-            }
-            (h, vec![])
-        }
+        None => (Helper::spawn_released(Some(cg.as_ref()))?, vec![]),
     };
     let r = (|| {
         if !h.in_cgroup {
