@@ -49,13 +49,12 @@ cargo build -q -j1 --release -p ltv-vmm --bin ltv-vmm
 VMM="$CARGO_TARGET_DIR/release/ltv-vmm"
 command -v qemu-system-x86_64 >/dev/null || SKIP_QEMU=1
 
-COMPAT='noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip,erms,fsrm,rep_good nopku nopv noreplace-smp rodata=off percpu_alloc=page no_timer_check ltv_pvm_compat'
 # reboot=k: the guest ends by an i8042 reset (ltv-vmm exits 0, QEMU -no-reboot exits). reboot=t
 # would triple-fault through `int3`, which kvm-pvm cannot emulate (KVM internal error).
 BASE="${BASE:-console=ttyS0 reboot=k quiet ltv.init=poweroff}"
-# ltv-vmm appends the compat switches itself on PVM (and panic=1 pci=off); give QEMU the same.
-QEMU_APPEND="$BASE panic=1 pci=off"
-grep -qs kvm_pvm /proc/modules || [[ -d /sys/module/kvm_pvm ]] && QEMU_APPEND="$QEMU_APPEND $COMPAT"
+# ltv-vmm adds its defaults (panic=1 pci=off) and, on kvm-pvm, the compat switches; give
+# QEMU exactly the command line it would boot with.
+QEMU_APPEND="$("$VMM" --print-cmdline "$BASE")"
 
 echo "vmlinux: $VMLINUX"
 echo "initrd:  $INITRD ($(stat -c %s "$INITRD") bytes), memory ${MEM} MiB, 1 vCPU"
