@@ -23,7 +23,7 @@ for p in crun hyperfine busybox-static; do
         { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null; }
 done
 cargo build --release -q -p ltv
-LTV=$PWD/target/release/ltv
+LTV=$PWD/target/x86_64-unknown-linux-gnu/release/ltv
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 

@@ -46,7 +46,7 @@ if [[ -z $INITRD ]]; then
     bash "$ROOT/guest-kernel/initramfs.sh" "$INITRD" "${EXTRA[@]}" >/dev/null
 fi
 cargo build -q -j1 --release -p ltv-vmm --bin ltv-vmm
-VMM="$CARGO_TARGET_DIR/release/ltv-vmm"
+VMM="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/ltv-vmm"
 command -v qemu-system-x86_64 >/dev/null || SKIP_QEMU=1
 
 # reboot=k: the guest ends by an i8042 reset (ltv-vmm exits 0, QEMU -no-reboot exits). reboot=t
