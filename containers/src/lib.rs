@@ -18,3 +18,13 @@ pub mod process;
 pub mod rootfs;
 pub mod security;
 pub mod spec;
+
+/// `name` found in `$PATH`, like the shell's `command -v`. Checking first is much cheaper
+/// than spawning a missing tool, above all in a guest whose kernel is emulated.
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
+}

@@ -288,7 +288,7 @@ pub(super) fn build(
     if !usable_uri(&mirror) {
         return Err(Error::Invalid(format!("bad mirror URL {mirror:?}")));
     }
-    if !Path::new("/usr/sbin/debootstrap").exists() && which("debootstrap").is_none() {
+    if !Path::new("/usr/sbin/debootstrap").exists() && crate::which("debootstrap").is_none() {
         progress.stage("Installing debootstrap");
         let out = Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends", "debootstrap"])
@@ -479,12 +479,4 @@ fn configure_sysvinit(root: &Path) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
 }

@@ -14,6 +14,9 @@ enum Tool {
 }
 
 fn runs(cmd: &str, args: &[&str]) -> bool {
+    if crate::which(cmd).is_none() {
+        return false;
+    }
     Command::new(cmd)
         .args(args)
         .stdout(Stdio::null())
