@@ -135,10 +135,14 @@ impl Db {
         let conn =
             Connection::open(path).with_context(|| format!("open database {}", path.display()))?;
         // WAL + NORMAL: durable across daemon crashes, without an fsync per write.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL first: a new database then switches to WAL without the rollback
+        // journal's fsyncs, which cost seconds in a kvm-pvm guest (its agent's first start).
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA).context("create schema")?;
+        // One transaction: one commit for the whole schema.
+        conn.execute_batch(&format!("BEGIN; {SCHEMA} COMMIT;"))
+            .context("create schema")?;
         Ok(Db {
             conn: Mutex::new(conn),
         })
