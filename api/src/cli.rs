@@ -330,6 +330,7 @@ pub async fn run(cli: Cli) -> i32 {
             serve_daemon(config).await
         }
         Command::Agent { state_dir } => {
+            tracing::debug!("agent starting");
             let config = DaemonConfig {
                 state_dir,
                 socket: cli.socket,

@@ -199,6 +199,15 @@ impl VmBackend {
             let _ = std::fs::remove_file(sock);
         }
         remove_vsock_sockets(&dir);
+        // Where the agent says it is up (hybrid vsock: guest-initiated connections to a
+        // port arrive on `<uds>_<port>`). Without it we only probe.
+        let ready_path = dir.join(format!(
+            "vsock.sock_{}",
+            crate::daemon::agent::READY_VSOCK_PORT
+        ));
+        let ready = tokio::net::UnixListener::bind(&ready_path)
+            .inspect_err(|e| tracing::warn!("readiness socket {}: {e}", ready_path.display()))
+            .ok();
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| ApiError::internal(format!("VMM config: {e}")))?;
         std::fs::write(&config_path, json)
@@ -224,19 +233,37 @@ impl VmBackend {
         let start_time = ltv_containers::process::proc_start_time(pid).unwrap_or_default();
         let deadline = t + timeout_from_env();
         let agent = self.agent_client(&instance.name);
+        // Probes cost the guest work while it boots, so they are rare; the agent's hello
+        // on the readiness socket triggers one at once.
+        const PROBE_EVERY: Duration = Duration::from_secs(3);
+        let mut next_probe = Instant::now() + PROBE_EVERY;
         let failure = loop {
-            // Until the guest's vsock driver is up the handshake gets no answer at all.
-            let probe = tokio::time::timeout(
-                Duration::from_secs(2),
-                agent.get::<crate::types::ServerInfo>("/1.0"),
-            )
-            .await;
-            if let Ok(Ok(info)) = probe {
-                tracing::info!(instance = %instance.name, pid, kernel = %info.kernel,
-                    secs = t.elapsed().as_secs_f64(), "microVM ready: its agent answers");
-                // The supervisor waits for it from here on.
-                drop(child);
-                return Ok(Started { pid, start_time });
+            let hello = match &ready {
+                Some(l) => matches!(
+                    tokio::time::timeout(Duration::from_millis(200), l.accept()).await,
+                    Ok(Ok(_))
+                ),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    false
+                }
+            };
+            if hello || Instant::now() >= next_probe {
+                next_probe = Instant::now() + PROBE_EVERY;
+                // Until the guest's vsock driver is up the handshake gets no answer at all.
+                let probe = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    agent.get::<crate::types::ServerInfo>("/1.0"),
+                )
+                .await;
+                if let Ok(Ok(info)) = probe {
+                    tracing::info!(instance = %instance.name, pid, kernel = %info.kernel,
+                        secs = t.elapsed().as_secs_f64(), "microVM ready: its agent answers");
+                    let _ = std::fs::remove_file(&ready_path);
+                    // The supervisor waits for it from here on.
+                    drop(child);
+                    return Ok(Started { pid, start_time });
+                }
             }
             if exited(pid) {
                 break "the VMM exited before the guest agent was up".to_string();
@@ -247,8 +274,8 @@ impl VmBackend {
                     timeout_from_env().as_secs_f64()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        let _ = std::fs::remove_file(&ready_path);
         // Not supervised yet, so we reap it ourselves.
         kill9(pid);
         let _ = blocking(move || child.wait()).await;

@@ -11,6 +11,42 @@ use std::os::unix::process::CommandExt;
 /// The vsock port the agent listens on, and the host daemon connects to.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Once it serves, the agent connects to this port on the host (hybrid vsock: the host's
+/// `<uds>_<port>` socket) to say so, and the host stops waiting at once instead of at its
+/// next probe.
+pub const READY_VSOCK_PORT: u32 = 1025;
+
+/// Tells the host the agent serves; a host that does not listen for it probes instead.
+pub async fn say_ready() {
+    const VMADDR_CID_HOST: u32 = 2;
+    match connect(VMADDR_CID_HOST, READY_VSOCK_PORT).await {
+        Ok(mut s) => {
+            use tokio::io::AsyncWriteExt;
+            let _ = s.write_all(b"ready\n").await;
+        }
+        Err(e) => tracing::debug!("no readiness listener on the host: {e}"),
+    }
+}
+
+/// The guest init starts the agent with this nice value, so it is up before the image's
+/// own boot work; see [`serving`].
+pub const STARTUP_NICE: i32 = -10;
+
+/// Once the agent serves, it (every thread: nice is per thread on Linux) and what it
+/// starts get the normal priority back.
+pub fn serving() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for tid in tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok())
+    {
+        // SAFETY: setpriority on one of our own threads; no pointers.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 0) };
+    }
+}
+
 /// `axum::serve` over vsock. Written here, not with tokio-vsock: a connected vsock socket
 /// is an ordinary stream socket, so tokio's Unix stream type drives it (read, write,
 /// shutdown) and only socket/bind/accept need the vsock address type.

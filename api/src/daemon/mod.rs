@@ -66,6 +66,7 @@ impl Daemon {
         let images = Arc::new(ImageStore::open(&state.join("images"))?);
         let db = Db::open(&state.join("ltv.db"))?;
         db.fail_interrupted_operations()?;
+        tracing::debug!("state opened");
         // In the daemon's own network namespace (a test's, or the host's).
         let bridge = match &config.bridge {
             None => Err("the daemon runs without a bridge (--bridge none)".to_string()),
@@ -77,6 +78,7 @@ impl Daemon {
                 }
             },
         };
+        tracing::debug!("bridge done");
         // Nested in a container: its cgroup was delegated to us.
         if let Err(e) = ltv_containers::cgroups::claim_delegated_root() {
             tracing::warn!(
@@ -199,6 +201,7 @@ pub async fn serve(
     reaper::spawn_orphan_reaper();
     let listener = bind_socket(&config.socket).await?;
     let daemon = Daemon::open(config.clone())?;
+    tracing::debug!("backends ready");
     instances::readopt(&daemon).await;
     tracing::info!(socket = %config.socket.display(), state = %config.state_dir.display(), "ltv daemon listening");
     let app = handlers::router(daemon.clone());
@@ -214,6 +217,8 @@ pub async fn serve(
     if let Some(port) = config.vsock_port {
         let vsock = agent::bind(port).with_context(|| format!("bind vsock port {port}"))?;
         tracing::info!(port, "guest agent listening on vsock");
+        agent::serving();
+        tokio::spawn(agent::say_ready());
         let (app, rx) = (app.clone(), stop_rx.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(vsock, app)
