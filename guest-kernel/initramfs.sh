@@ -47,6 +47,7 @@ init_bin="$(mktemp /tmp/ltv-init.XXXXXX)"
 trap 'rm -f "$tmp" "$init_bin"' EXIT
 gcc -Os -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie \
     -fno-asynchronous-unwind-tables -Wall -Wextra -Werror -s -Wl,--build-id=none \
+    -DPVM_GLIBC_TUNABLES="\"$(cat "$HERE/../api/src/daemon/pvm-glibc-tunables")\"" \
     -o "$init_bin" "$HERE/init.c"
 INIT_BIN="$init_bin" python3 - "$tmp" "$BUSYBOX" "$@" <<'PY'
 import os, subprocess, sys

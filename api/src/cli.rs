@@ -331,6 +331,7 @@ pub async fn run(cli: Cli) -> i32 {
         }
         Command::Agent { state_dir } => {
             tracing::debug!("agent starting");
+            crate::daemon::agent::configure_guest_network();
             let config = DaemonConfig {
                 state_dir,
                 socket: cli.socket,

@@ -1,8 +1,6 @@
 use clap::Parser;
 use ltv::cli::{Cli, Command};
 
-mod guest_init;
-
 fn main() {
     // Re-executed as a container's init helper: no runtime, no argument parsing. First:
     // the helper is PID 1 of its namespace too, and must never be taken for a guest init.
@@ -17,10 +15,6 @@ fn main() {
         .is_some_and(|a| a == ltv::daemon::agent::TTY_EXEC_ARG)
     {
         ltv::daemon::agent::tty_exec_main();
-    }
-    // PID 1 of a microVM guest: mount, mark ready, exec the image's init.
-    if guest_init::is_guest_init() {
-        guest_init::main();
     }
     let cli = Cli::parse();
     // The VMM owns its signals and threads: no async runtime, no tracing.

@@ -1,6 +1,7 @@
 //! microVMs end to end: the real daemon spawns `ltv vmm` per instance, the guest boots the
-//! project kernel from a root disk with `ltv` as `/init` and agent. Boots are slow on
-//! kvm-pvm hosts (a minute or more), so there are only two, in one test.
+//! project kernel from a root disk with guest-kernel/init.c as `/init` and `ltv` as its
+//! agent. Boots are slow on kvm-pvm hosts (a minute or more), so there are only two, in
+//! one test.
 
 use ltv_e2e::{check_chain, require_root, stderr, TestDaemon};
 use std::io::{Read, Write};

@@ -152,9 +152,9 @@ impl VmBackend {
             .find_map(|e| e.strip_prefix("LTV_INIT="))
             .map(str::to_string)
             .or_else(|| image.init.clone());
-        if let Some(init) = init.filter(|i| !i.is_empty() && !i.contains(char::is_whitespace)) {
-            cmdline.push_str(&format!(" ltv.init={init}"));
-        }
+        // Without one, the guest's /init stays PID 1 itself (guest-kernel/init.c).
+        let init = init.filter(|i| !i.is_empty() && !i.contains(char::is_whitespace));
+        cmdline.push_str(&format!(" ltv.init={}", init.as_deref().unwrap_or("none")));
         // Extra guest kernel arguments for every VM of this daemon (e.g. to debug a guest).
         if let Ok(extra) = std::env::var("LTV_VM_KERNEL_ARGS") {
             cmdline.push(' ');

@@ -257,14 +257,14 @@ pub fn tty_exec_main() -> ! {
 }
 
 /// Asks PID 1 to power the machine off the way it understands: busybox init and our own
-/// guest init take SIGUSR2, systemd SIGRTMIN+4; any other init gets `poweroff` run.
+/// guest init (`/init`, guest-kernel/init.c) take SIGUSR2, systemd SIGRTMIN+4; any other init gets `poweroff` run.
 pub fn power_off() -> Result<(), ApiError> {
     let init = std::fs::read_link("/proc/1/exe")
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
     let sig = if init.contains("systemd") {
         libc::SIGRTMIN() + 4
-    } else if init.contains("busybox") || init.contains("ltv") {
+    } else if init.contains("busybox") || init == "/init" {
         libc::SIGUSR2
     } else {
         return std::process::Command::new("poweroff")
@@ -293,9 +293,28 @@ pub fn power_off() -> Result<(), ApiError> {
 /// memory. `AVX_Fast_Unaligned_Load` is a preference glibc sets from the CPU before it
 /// reads tunables and that turning AVX off leaves set (`ld.so --list-diagnostics`); its
 /// memcpy/memmove choose their YMM variants by it alone, so it must go too.
-pub const PVM_GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,\
--AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512_VBMI,-AVX512_VBMI2,-FMA,-FMA4,-F16C,-XSAVE,\
--XSAVEC,-OSXSAVE,-AVX_Fast_Unaligned_Load";
+/// The guest's /init (guest-kernel/init.c) gets the same text from the same file.
+pub const PVM_GLIBC_TUNABLES: &str = include_str!("pvm-glibc-tunables");
+
+/// eth0's address and gateway, as the host put them on the guest kernel command line.
+pub fn guest_address(
+    cmdline: &str,
+) -> Option<(std::net::Ipv4Addr, u8, Option<std::net::Ipv4Addr>)> {
+    let word = |key: &str| cmdline.split_whitespace().find_map(|w| w.strip_prefix(key));
+    let (ip, prefix) = word("ltv.ip=")?.split_once('/')?;
+    let gateway = word("ltv.gw=").and_then(|g| g.parse().ok());
+    Some((ip.parse().ok()?, prefix.parse().ok()?, gateway))
+}
+
+/// Configures the guest's NIC from the kernel command line, before the agent serves.
+pub fn configure_guest_network() {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some((ip, prefix, gateway)) = guest_address(&cmdline) {
+        if let Err(e) = ltv_containers::network::configure_interface("eth0", ip, prefix, gateway) {
+            tracing::error!("eth0 {ip}/{prefix}: {e}");
+        }
+    }
+}
 
 pub fn pvm_guest() -> bool {
     std::fs::read_to_string("/proc/cmdline")
@@ -321,5 +340,63 @@ pub fn machine_facts() -> crate::types::MachineFacts {
         uptime_secs,
         memory_total_bytes: kib("MemTotal:"),
         memory_available_bytes: kib("MemAvailable:"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_address_from_the_command_line() {
+        let a = guest_address(
+            "console=ttyS0 quiet ltv.hostname=vm1 ltv.ip=10.87.0.9/24 ltv.gw=10.87.0.1",
+        );
+        assert_eq!(
+            a,
+            Some((
+                "10.87.0.9".parse().unwrap(),
+                24,
+                Some("10.87.0.1".parse().unwrap())
+            ))
+        );
+        assert_eq!(
+            guest_address("quiet ltv.ip=10.87.0.9/24").map(|a| a.2),
+            Some(None)
+        );
+        assert_eq!(guest_address("quiet ltv.ip=garbage ltv.gw=10.87.0.1"), None);
+        assert_eq!(guest_address("quiet"), None);
+    }
+
+    /// One environment word, whole: the C init passes it on as it is.
+    #[test]
+    fn the_pvm_tunables_are_one_word() {
+        assert!(PVM_GLIBC_TUNABLES.starts_with("GLIBC_TUNABLES=glibc.cpu.hwcaps="));
+        assert!(!PVM_GLIBC_TUNABLES.contains(char::is_whitespace));
+    }
+
+    /// glibc, as the guest gets it (linked in from this host's libc), must pick no AVX code
+    /// under our tunables: the preference its memcpy goes by included. The host's loader
+    /// is the same glibc and can say what it would pick.
+    #[test]
+    fn the_pvm_tunables_leave_glibc_no_avx() {
+        let loader = "/lib64/ld-linux-x86-64.so.2";
+        let tunables = PVM_GLIBC_TUNABLES.strip_prefix("GLIBC_TUNABLES=").unwrap();
+        let out = std::process::Command::new(loader)
+            .arg("--list-diagnostics")
+            .env("GLIBC_TUNABLES", tunables)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let preferred = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("x86.cpu_features.preferred.{name}=")))
+                .map(str::to_string)
+        };
+        assert_eq!(
+            preferred("AVX_Fast_Unaligned_Load").as_deref(),
+            Some("0x0"),
+            "{text}"
+        );
     }
 }
