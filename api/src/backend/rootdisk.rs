@@ -279,6 +279,11 @@ mod tests {
                 .any(|w| w == b"CREATE TABLE instances"),
             "no schema in the agent database"
         );
-        assert!(!dir.path().join("disk.staging").exists());
+        assert!(!dir.path().join("disk.img.staging").exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            3,
+            "only rootfs, bundle and disk.img are left"
+        );
     }
 }

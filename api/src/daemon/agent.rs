@@ -257,7 +257,8 @@ pub fn tty_exec_main() -> ! {
 }
 
 /// Asks PID 1 to power the machine off the way it understands: busybox init and our own
-/// guest init (`/init`, guest-kernel/init.c) take SIGUSR2, systemd SIGRTMIN+4; any other init gets `poweroff` run.
+/// guest init (`/init`, guest-kernel/init.c) take SIGUSR2, systemd SIGRTMIN+4; any other
+/// init gets `poweroff` run.
 pub fn power_off() -> Result<(), ApiError> {
     let init = std::fs::read_link("/proc/1/exe")
         .map(|p| p.to_string_lossy().into_owned())
@@ -283,17 +284,16 @@ pub fn power_off() -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Booted with the kvm-pvm compat switches; also true inside containers in such a guest,
-/// which see the guest kernel's command line.
-/// For every guest process on kvm-pvm hosts, the containers' inside a guest included: glibc must not pick its AVX/AVX-512 string
-/// functions. The compat kernel runs with `noxsave` and saves only the FXSAVE area
+/// For every guest process on kvm-pvm hosts, the containers' inside a guest included:
+/// glibc must not pick its AVX/AVX-512 string functions. The compat kernel runs with `noxsave` and saves only the FXSAVE area
 /// (x87, XMM0-15) on a context switch, while user space runs natively and sees the
 /// host's CPUID and XCR0 (no VMM setting or guest XSETBV changes them there): a task
 /// preempted inside an AVX-512 memcpy resumes with another task's YMM16-31 and corrupts
 /// memory. `AVX_Fast_Unaligned_Load` is a preference glibc sets from the CPU before it
 /// reads tunables and that turning AVX off leaves set (`ld.so --list-diagnostics`); its
 /// memcpy/memmove choose their YMM variants by it alone, so it must go too.
-/// The guest's /init (guest-kernel/init.c) gets the same text from the same file.
+/// The guest's /init (guest-kernel/init.c) gets the same text from the same file and
+/// gives it to every process it starts.
 pub const PVM_GLIBC_TUNABLES: &str = include_str!("pvm-glibc-tunables");
 
 /// eth0's address and gateway, as the host put them on the guest kernel command line.
@@ -316,6 +316,8 @@ pub fn configure_guest_network() {
     }
 }
 
+/// Booted with the kvm-pvm compat switches; also true inside containers in such a guest,
+/// which see the guest kernel's command line.
 pub fn pvm_guest() -> bool {
     std::fs::read_to_string("/proc/cmdline")
         .is_ok_and(|c| c.split_whitespace().any(|w| w == "ltv_pvm_compat"))
