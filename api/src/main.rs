@@ -2,8 +2,7 @@ use clap::Parser;
 use ltv::cli::{Cli, Command};
 
 fn main() {
-    // Re-executed as a container's init helper: no runtime, no argument parsing. First:
-    // the helper is PID 1 of its namespace too, and must never be taken for a guest init.
+    // Re-executed as a container's init helper: no runtime, no argument parsing.
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == ltv_containers::process::INIT_ARG)
