@@ -79,7 +79,7 @@ fn build(dir: &Path) -> io::Result<()> {
 }
 
 /// Every shared object mapped into this process: none for a static build.
-pub fn shared_libraries() -> io::Result<Vec<String>> {
+fn shared_libraries() -> io::Result<Vec<String>> {
     let maps = std::fs::read_to_string("/proc/self/maps")?;
     let mut libs: Vec<String> = maps
         .lines()

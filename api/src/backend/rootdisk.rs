@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 pub use super::bundle::GUEST_LTV;
@@ -25,12 +25,8 @@ pub fn build(rootfs: &Path, out: &Path, hostname: &str, bundle: &Path) -> io::Re
 
 fn build_at(rootfs: &Path, img: &Path, hostname: &str, bundle: &Path) -> io::Result<()> {
     let used = du_bytes(rootfs)?;
-    let files: Vec<(String, PathBuf)> = vec![(GUEST_LTV.to_string(), bundle.join("ltv"))];
-    let extra: u64 = files
-        .iter()
-        .filter_map(|(_, p)| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
+    let ltv = bundle.join("ltv");
+    let extra = std::fs::metadata(&ltv)?.len();
     // ext4 metadata and the journal need room too: 20 % over the data.
     let size = ((used + extra) * 6 / 5 + HEADROOM).next_multiple_of(1 << 20);
     std::fs::File::create(img)?.set_len(size)?;
@@ -43,9 +39,7 @@ fn build_at(rootfs: &Path, img: &Path, hostname: &str, bundle: &Path) -> io::Res
     let staging = img.with_extension("staging");
     let result = stage(&staging, hostname).and_then(|()| {
         let mut script = Script::default();
-        for (guest, host) in &files {
-            script.put(rootfs, guest, host, 0o755);
-        }
+        script.put(rootfs, GUEST_LTV, &ltv, 0o755);
         script.put(rootfs, "/init", &staging.join("init"), 0o755);
         script.put(rootfs, "/etc/hostname", &staging.join("hostname"), 0o644);
         for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/var/log"] {
