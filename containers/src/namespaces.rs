@@ -191,26 +191,6 @@ impl PreparedExec {
     }
 }
 
-/// A user namespace with `map`, for idmapped mounts. Made once per map and kept: a
-/// namespace held by a descriptor needs no process, and making one costs a process.
-pub fn userns_for(map: &IdMap) -> Result<std::sync::Arc<OwnedFd>> {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex, OnceLock};
-    type Cache = Mutex<HashMap<(u32, u32, u32), Arc<OwnedFd>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let key = (map.host_uid, map.host_gid, map.size);
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(fd) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return Ok(fd.clone());
-    }
-    let fd = Arc::new(userns_with_map(map)?);
-    cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, fd.clone());
-    Ok(fd)
-}
-
 /// A user namespace with `map`, held by a descriptor (for idmapped mounts). A throwaway
 /// child creates it; the child only blocks on a pipe, which is safe after a raw clone.
 pub fn userns_with_map(map: &IdMap) -> Result<OwnedFd> {

@@ -15,7 +15,7 @@ use crate::spec::{ContainerSpec, NetworkMode, ProcessSpec};
 use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -496,8 +496,17 @@ fn start_inner(
                 h
             }
         };
-        let rootfs_mount = rootfs::detached_overlay(&spec.rootfs, spec.idmap.as_ref())
-            .map_err(setup("mount rootfs"))?;
+        // The helper's user namespace has the container's id map by now.
+        let userns = match &spec.idmap {
+            Some(_) => Some(
+                std::fs::File::open(format!("/proc/{}/ns/user", h.pid))
+                    .map_err(setup("open the container's user namespace"))?,
+            ),
+            None => None,
+        };
+        let idmap = spec.idmap.as_ref().zip(userns.as_ref().map(|f| f.as_fd()));
+        let rootfs_mount =
+            rootfs::detached_overlay(&spec.rootfs, idmap).map_err(setup("mount rootfs"))?;
         let start_time = proc_start_time(h.pid)
             .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
         // Before the container runs anything: its first process sees eth0 up. The veth

@@ -5,7 +5,7 @@ use crate::mountinfo;
 use crate::spec::{IdMap, RootfsSpec};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::io::{Error, ErrorKind, Result};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 fn err(stage: String, e: impl Into<Error>) -> Error {
@@ -78,16 +78,20 @@ pub fn overlay_options(spec: &RootfsSpec) -> String {
 /// Builds the overlay as a detached mount (the new mount API) that the container's
 /// helper attaches inside its own mount namespace with [`attach_detached`]: the host's
 /// mount table never holds it, and a helper spawned ahead of time (the pool) can still
-/// get a rootfs made later. With a user namespace, the image layers are idmapped and the
-/// upper dir is given to the container's root.
-pub fn detached_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<OwnedFd> {
+/// get a rootfs made later. With an id map, the image layers are idmapped through
+/// `userns`, a user namespace that has that map (the container's own: making one would
+/// cost a fork of the caller), and the upper dir is given to the container's root.
+pub fn detached_overlay(
+    spec: &RootfsSpec,
+    idmap: Option<(&IdMap, BorrowedFd<'_>)>,
+) -> Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     for d in [&spec.upperdir, &spec.workdir, &spec.mountpoint] {
         std::fs::create_dir_all(d).map_err(|e| err(format!("create {}", d.display()), e))?;
     }
     // An identity map (a nested daemon sharing its own range) needs no shifted layers; the
     // kernel would refuse them anyway on a filesystem the host mounted.
-    let Some(m) = idmap.filter(|m| m.host_uid != 0 || m.host_gid != 0) else {
+    let Some((m, userns)) = idmap.filter(|(m, _)| m.host_uid != 0 || m.host_gid != 0) else {
         let lower: Vec<String> = spec
             .lowerdirs
             .iter()
@@ -97,12 +101,10 @@ pub fn detached_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<Owne
     };
     std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
         .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
-    let userns = crate::namespaces::userns_for(m)
-        .map_err(|e| err("user namespace for idmapped mounts".into(), e))?;
     let layer_fds = spec
         .lowerdirs
         .iter()
-        .map(|l| idmapped_clone(l, &userns))
+        .map(|l| idmapped_clone(l, userns))
         .collect::<Result<Vec<_>>>()?;
     if !DETACHED_LAYERS_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
         let lower: Vec<String> = layer_fds
@@ -291,7 +293,7 @@ fn idmapped_lowers(spec: &RootfsSpec, m: &IdMap) -> Result<()> {
     let fds = spec
         .lowerdirs
         .iter()
-        .map(|l| idmapped_clone(l, &userns))
+        .map(|l| idmapped_clone(l, userns.as_fd()))
         .collect::<Result<Vec<_>>>()?;
     let lower: Vec<String> = fds
         .iter()
@@ -339,7 +341,7 @@ struct MountAttr {
 }
 
 /// A detached copy of `dir`'s mount, idmapped through `userns`.
-fn idmapped_clone(dir: &Path, userns: &OwnedFd) -> Result<OwnedFd> {
+fn idmapped_clone(dir: &Path, userns: BorrowedFd<'_>) -> Result<OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd};
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::new(ErrorKind::InvalidInput, "NUL in path"))?;
