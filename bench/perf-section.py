@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Prints the README's `ltv bench` tables from two runs of the same suites.
 
-    bench/perf-section.py --start OUT1 OUT2 [--start OUT1 OUT2 ...] [--peers-alone OUT]
+    bench/perf-section.py --start OUT1 OUT2 [--start OUT1 OUT2 ...] [--peers-alone OUT ...]
         --density OUT1 OUT2 [--density-peers OUT1 OUT2 ...]
 
 Each OUT is a `--out` directory of `ltv bench` (results.json). Medians of the two runs
 side by side, each ltv kind's ratio to its peer, and run 2 / run 1. Each table says how
 it was run (pause before each start operation, the instances' network). --peers-alone
-is a start run without ltv kinds (`--kinds ''`): the peers back to back, undisturbed.
+is a start run without ltv kinds (`--kinds ''`): the peers alone, undisturbed (one line
+per run given).
 """
 
 import argparse
@@ -139,7 +140,7 @@ def density_table(r1, r2, subjects, peer_of):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--start", nargs=2, action="append", required=True)
-    ap.add_argument("--peers-alone")
+    ap.add_argument("--peers-alone", action="append", default=[])
     ap.add_argument("--density", nargs=2, required=True)
     # Density runs with peers: each ltv kind next to its peer (app-crun, system-lxc).
     ap.add_argument("--density-peers", nargs=2, action="append", default=[])
@@ -151,8 +152,7 @@ def main():
     print(f"First run: {env_line(starts[0][0])}. Last run: {t2:%Y-%m-%d %H:%M} UTC, same host.\n")
     for s1, s2 in starts:
         print(start_table(s1, s2))
-    if a.peers_alone:
-        r = load(a.peers_alone)
+    for r in map(load, a.peers_alone):
         print(
             f"Peers alone ({how(r)}, no ltv in the run): crun `run` {fmt(p50(r, 'crun', 'run'))} ms, "
             f"LXC start + attach {fmt(p50(r, 'lxc', 'launch+exec'))} ms, "
