@@ -332,6 +332,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Agent { state_dir } => {
             tracing::debug!("agent starting");
             crate::daemon::agent::configure_guest_network();
+            tracing::debug!("guest network configured");
             let config = DaemonConfig {
                 state_dir,
                 socket: cli.socket,

@@ -153,7 +153,6 @@ impl Db {
         Ok(f(&conn)?)
     }
 
-    /// Inserts a new instance; `Ok(false)` when the name is taken.
     /// Inserts a new instance; `Ok(None)` when the name is taken. With `idmap`, a free
     /// 65536-id range is allocated in the same transaction, and with `subnet` a free
     /// address in it (an error when it is full).

@@ -64,7 +64,9 @@ impl Daemon {
         std::fs::create_dir_all(&instances_dir)?;
         check_traversable(&instances_dir)?;
         let images = Arc::new(ImageStore::open(&state.join("images"))?);
+        tracing::debug!("images opened");
         let db = Db::open(&state.join("ltv.db"))?;
+        tracing::debug!("database opened");
         db.fail_interrupted_operations()?;
         tracing::debug!("state opened");
         // In the daemon's own network namespace (a test's, or the host's).
