@@ -174,8 +174,12 @@ pub struct RunArgs {
     /// Allocate a terminal.
     #[arg(short, long)]
     pub tty: bool,
+    /// A name, or a path inside a running instance: `sys1/app1`.
     #[arg(long)]
     pub name: Option<String>,
+    /// The instance to run it in (the same as naming it `PARENT/NAME`).
+    #[arg(long)]
+    pub parent: Option<String>,
     #[command(flatten)]
     pub limits: Limits,
     pub image: String,
@@ -480,7 +484,7 @@ async fn run_foreground(client: &Client, args: RunArgs) -> i32 {
         name: args.name,
         kind: Kind::App,
         image: args.image,
-        parent: None,
+        parent: args.parent,
         config: args.limits.config(args.command),
         start: true,
         attach: Some(AttachOptions {

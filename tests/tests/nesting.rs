@@ -81,6 +81,33 @@ fn app_in_system_container_through_one_api() {
     assert_ne!(a1, a2);
     d.ok(&["exec", "sys1/app2", "--", "ping", "-c1", "-W2", &a1]);
 
+    // `run --parent` in the foreground: its output and exit code come back through both
+    // daemons; its address is on sys1's bridge, like app1's; --rm leaves nothing inside
+    // (the tree below).
+    let out = d.ltv(&[
+        "run",
+        "--rm",
+        "--parent",
+        "sys1",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "tail -n1 /etc/hosts; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let hosts_line = String::from_utf8_lossy(&out.stdout).to_string();
+    let subnet = |a: &str| a.rsplit_once('.').map(|(net, _)| net.to_string());
+    let run_addr = hosts_line.split_whitespace().next().unwrap_or_default();
+    assert_eq!(subnet(run_addr), subnet(&a1), "{hosts_line}");
+    let sys1_addr = sys1["address"].as_str().unwrap_or_default();
+    assert_ne!(
+        subnet(run_addr),
+        subnet(sys1_addr),
+        "not on our bridge: {hosts_line}"
+    );
+    assert_ne!(run_addr, a1);
+
     // The tree, through the API and the CLI.
     let (status, tree) = d.api_json("GET", "/1.0/instances?recursion=tree", None);
     assert_eq!(status, 200, "{tree}");
