@@ -125,7 +125,7 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct Limits {
-    /// Memory limit, e.g. 64MiB.
+    /// Memory limit, e.g. 64MiB (a microVM without one gets 128MiB of guest memory).
     #[arg(long)]
     pub memory: Option<String>,
     /// CPU bandwidth in CPUs, e.g. 0.5.
