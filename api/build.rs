@@ -7,28 +7,17 @@ use std::process::Command;
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let source = manifest.join("../guest-kernel/init.c");
+    // The flags guest-kernel/initramfs.sh builds it with too.
+    let cflags = manifest.join("../guest-kernel/init.cflags");
     let tunables = manifest.join("src/daemon/pvm-glibc-tunables");
-    println!("cargo:rerun-if-changed={}", source.display());
-    println!("cargo:rerun-if-changed={}", tunables.display());
+    for input in [&source, &cflags, &tunables] {
+        println!("cargo:rerun-if-changed={}", input.display());
+    }
+    let cflags = std::fs::read_to_string(&cflags).expect("read guest-kernel/init.cflags");
     let tunables = std::fs::read_to_string(&tunables).expect("read pvm-glibc-tunables");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("guest-init");
-    // The flags guest-kernel/initramfs.sh uses too.
     let status = Command::new("cc")
-        .args([
-            "-Os",
-            "-static",
-            "-nostdlib",
-            "-ffreestanding",
-            "-fno-stack-protector",
-            "-fno-pie",
-            "-no-pie",
-            "-fno-asynchronous-unwind-tables",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-s",
-            "-Wl,--build-id=none",
-        ])
+        .args(cflags.split_whitespace())
         .arg(format!("-DPVM_GLIBC_TUNABLES=\"{}\"", tunables.trim()))
         .arg("-o")
         .arg(&out)

@@ -45,8 +45,9 @@ apt_need gcc libc6-dev python3
 tmp="$(mktemp "$(dirname "$OUT")/.initramfs.XXXXXX")"
 init_bin="$(mktemp /tmp/ltv-init.XXXXXX)"
 trap 'rm -f "$tmp" "$init_bin"' EXIT
-gcc -Os -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie \
-    -fno-asynchronous-unwind-tables -Wall -Wextra -Werror -s -Wl,--build-id=none \
+# The flags api/build.rs builds it with too (for the daemon's root disks).
+read -ra cflags <"$HERE/init.cflags"
+gcc "${cflags[@]}" \
     -DPVM_GLIBC_TUNABLES="\"$(cat "$HERE/../api/src/daemon/pvm-glibc-tunables")\"" \
     -o "$init_bin" "$HERE/init.c"
 INIT_BIN="$init_bin" python3 - "$tmp" "$BUSYBOX" "$@" <<'PY'
