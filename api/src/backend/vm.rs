@@ -6,7 +6,9 @@
 use super::{Backend, Started};
 use crate::client::{Client, Endpoint};
 use crate::daemon::error::ApiError;
-use crate::types::{parse_size, ExecPost, GuestFacts, Image, Instance, Kind, Usage};
+use crate::types::{
+    parse_size, ExecPost, GuestFacts, Image, Instance, InstanceConfig, Kind, Usage,
+};
 use async_trait::async_trait;
 use ltv_containers::network::{self, BridgeConfig};
 use ltv_containers::process::Stdio;
@@ -19,6 +21,14 @@ use std::time::{Duration, Instant};
 /// Firecracker's default too. On kvm-pvm the guest kernel's memory setup is emulated and
 /// grows with the size: `LTV-READY` 17.4 / 17.4 s at 128 MiB, 19.3 / 22.2 s at 256 MiB.
 const DEFAULT_MEMORY: u64 = 128 << 20;
+/// The guest memory an instance asks for, or the default.
+fn guest_memory_bytes(config: &InstanceConfig) -> Result<u64, String> {
+    config
+        .memory
+        .as_deref()
+        .map_or(Ok(DEFAULT_MEMORY), parse_size)
+}
+
 // Boots to a running agent take minutes on kvm-pvm hosts (guest kernel code is emulated),
 // well under a second on hardware KVM.
 const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -100,11 +110,7 @@ impl VmBackend {
     /// (memory MiB, vCPUs), checked against this host.
     fn sizing(&self, instance: &Instance) -> Result<(u64, u32), ApiError> {
         let c = &instance.config;
-        let bytes = match &c.memory {
-            Some(text) => parse_size(text).map_err(ApiError::bad_request)?,
-            None => DEFAULT_MEMORY,
-        };
-        let mib = bytes >> 20;
+        let mib = guest_memory_bytes(c).map_err(ApiError::bad_request)? >> 20;
         if mib < ltv_vmm::config::MIN_MEMORY_MIB {
             return Err(ApiError::bad_request(format!(
                 "memory {} is below the microVM minimum of {} MiB",
@@ -527,10 +533,7 @@ impl Backend for VmBackend {
         let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        let memory_limit = match instance.config.memory.as_deref() {
-            Some(text) => parse_size(text).ok(),
-            None => Some(DEFAULT_MEMORY),
-        };
+        let memory_limit = guest_memory_bytes(&instance.config).ok();
         // A short wait: `info` must not hang on a guest that is busy or shutting down.
         let guest = tokio::time::timeout(
             Duration::from_secs(2),
