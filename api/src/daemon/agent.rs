@@ -285,11 +285,11 @@ pub fn power_off() -> Result<(), ApiError> {
 }
 
 /// For every guest process on kvm-pvm hosts, the containers' inside a guest included:
-/// glibc must not pick its AVX/AVX-512 string functions. The compat kernel runs with `noxsave` and saves only the FXSAVE area
-/// (x87, XMM0-15) on a context switch, while user space runs natively and sees the
-/// host's CPUID and XCR0 (no VMM setting or guest XSETBV changes them there): a task
-/// preempted inside an AVX-512 memcpy resumes with another task's YMM16-31 and corrupts
-/// memory. `AVX_Fast_Unaligned_Load` is a preference glibc sets from the CPU before it
+/// glibc must not pick its AVX/AVX-512 string functions. The compat kernel runs with
+/// `noxsave` and saves only the FXSAVE area (x87, XMM0-15) on a context switch, while
+/// user space runs natively and sees the host's CPUID and XCR0 (no VMM setting or guest
+/// XSETBV changes them there): a task preempted inside an AVX-512 memcpy resumes with
+/// another task's YMM16-31 and corrupts memory. `AVX_Fast_Unaligned_Load` is a preference glibc sets from the CPU before it
 /// reads tunables and that turning AVX off leaves set (`ld.so --list-diagnostics`); its
 /// memcpy/memmove choose their YMM variants by it alone, so it must go too.
 /// The guest's /init (guest-kernel/init.c) gets the same text from the same file and
@@ -308,8 +308,7 @@ pub fn guest_address(
 
 /// Configures the guest's NIC from the kernel command line, before the agent serves.
 pub fn configure_guest_network() {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if let Some((ip, prefix, gateway)) = guest_address(&cmdline) {
+    if let Some((ip, prefix, gateway)) = guest_address(kernel_cmdline()) {
         if let Err(e) = ltv_containers::network::configure_interface("eth0", ip, prefix, gateway) {
             tracing::error!("eth0 {ip}/{prefix}: {e}");
         }
@@ -319,8 +318,16 @@ pub fn configure_guest_network() {
 /// Booted with the kvm-pvm compat switches; also true inside containers in such a guest,
 /// which see the guest kernel's command line.
 pub fn pvm_guest() -> bool {
-    std::fs::read_to_string("/proc/cmdline")
-        .is_ok_and(|c| c.split_whitespace().any(|w| w == "ltv_pvm_compat"))
+    kernel_cmdline()
+        .split_whitespace()
+        .any(|w| w == "ltv_pvm_compat")
+}
+
+/// The running kernel's command line, read once: it does not change while we run, and
+/// in a kvm-pvm guest every read is emulated kernel work (the agent asks three times).
+fn kernel_cmdline() -> &'static str {
+    static CMDLINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CMDLINE.get_or_init(|| std::fs::read_to_string("/proc/cmdline").unwrap_or_default())
 }
 
 /// Guest facts for `GET /1.0`: uptime and memory from /proc.
