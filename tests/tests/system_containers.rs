@@ -246,9 +246,19 @@ fn bridge_networking_between_containers() {
     ]));
     assert_eq!(ifaces, "lo\n");
 
-    // Deleting frees the address and the veth.
+    // Deleting frees the address and the veth, before `delete` returns.
+    let veths = || -> Vec<String> {
+        let links = std::process::Command::new("ip")
+            .args(["netns", "exec", d.netns.as_deref().unwrap()])
+            .args(["ip", "-o", "link", "show", "type", "veth"])
+            .output()
+            .unwrap();
+        stdout(&links).lines().map(str::to_string).collect()
+    };
+    assert_eq!(veths().len(), 2, "web and box: {:?}", veths());
     d.ok(&["delete", "--force", "web"]);
     d.assert_no_leftovers("web");
+    assert_eq!(veths().len(), 1, "box only: {:?}", veths());
     d.ok(&[
         "launch", "busybox", "web2", "--kind", "app", "--", "sleep", "600",
     ]);
@@ -260,22 +270,7 @@ fn bridge_networking_between_containers() {
     for n in ["box", "alone", "web2"] {
         d.ok(&["delete", "--force", n]);
     }
-    let links = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            d.netns.as_deref().unwrap(),
-            "ip",
-            "-o",
-            "link",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        !stdout(&links).contains("veth"),
-        "no veth left: {}",
-        stdout(&links)
-    );
+    assert_eq!(veths(), Vec::<String>::new(), "no veth left");
 }
 
 #[test]

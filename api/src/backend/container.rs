@@ -1,7 +1,7 @@
 //! Application containers (Docker-style): one process tree from an image, on an
 //! overlay rootfs, in its own namespaces and cgroup.
 
-use super::{Backend, Started};
+use super::{blocking, Backend, Started};
 use crate::client::Client;
 use crate::daemon::error::ApiError;
 use crate::db::IDMAP_SIZE;
@@ -9,7 +9,7 @@ use crate::types::{parse_size, ExecPost, Image, Instance, Kind, ServerInfo, Usag
 use async_trait::async_trait;
 use ltv_containers::cgroups;
 use ltv_containers::image::ImageStore;
-use ltv_containers::network::BridgeConfig;
+use ltv_containers::network::{self, BridgeConfig};
 use ltv_containers::process::{self, Stdio};
 use ltv_containers::spec::{
     Bind, ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec,
@@ -252,7 +252,7 @@ impl ContainerBackend {
         }
         let mut files = vec![(
             etc.join("hosts"),
-            ltv_containers::network::hosts_file(&instance.name, address),
+            network::hosts_file(&instance.name, address),
         )];
         if !etc.join("hostname").exists() {
             // A system container's init sets the hostname from here, as on a machine;
@@ -531,14 +531,6 @@ fn runtime_error(e: process::Error) -> ApiError {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("runtime task failed: {e}")))
-}
-
 #[async_trait]
 impl Backend for ContainerBackend {
     fn wants_idmap(&self, instance: &Instance) -> bool {
@@ -586,8 +578,8 @@ impl Backend for ContainerBackend {
         self.write_hosts(instance)?;
         if matches!(spec.network, NetworkMode::Bridge { .. }) {
             // A veth of this instance's previous run that is still being deleted.
-            let ifname = ltv_containers::network::host_ifname(&instance.name);
-            let _ = blocking(move || ltv_containers::network::detach(&ifname)).await;
+            let ifname = network::host_ifname(&instance.name);
+            let _ = blocking(move || network::detach(&ifname)).await;
         }
         let pool = self.pool_for(instance);
         let claimed = pool.clone();
@@ -626,15 +618,25 @@ impl Backend for ContainerBackend {
             .map_err(runtime_error)?;
         // The veth goes with the container's network namespace; this covers a namespace
         // that something else still holds. Deleting a link waits for the network stack to
-        // quiesce (tens of ms), so it runs off the request path; `start` removes a
-        // leftover before it attaches again.
-        let ifname = ltv_containers::network::host_ifname(&instance.name);
-        std::thread::spawn(move || ltv_containers::network::detach(&ifname));
+        // quiesce (tens of ms), so after a stop it goes off the request path: by index, so
+        // a veth of the next start (`start` removes a leftover first) is never hit.
+        let ifname = network::host_ifname(&instance.name);
+        if let Some(veth) = blocking(move || network::HostLink::find(&ifname))
+            .await?
+            .map_err(|e| ApiError::internal(e.to_string()))?
+        {
+            std::thread::spawn(move || veth.delete());
+        }
         Ok(())
     }
 
     async fn delete(&self, instance: &Instance) -> Result<(), ApiError> {
         self.cleanup(instance).await?;
+        // A deleted instance leaves nothing, its veth included, when this returns.
+        let ifname = network::host_ifname(&instance.name);
+        blocking(move || network::detach(&ifname))
+            .await?
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         let dir = self.dir(&instance.name);
         super::remove_instance_dir(&dir)
     }

@@ -20,6 +20,15 @@ pub fn remove_instance_dir(dir: &std::path::Path) -> Result<(), ApiError> {
     }
 }
 
+/// Runs blocking runtime work (syscalls, netlink, file trees) off the async executor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("runtime task failed: {e}")))
+}
+
 /// A process the daemon started and must wait for (its child).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Started {

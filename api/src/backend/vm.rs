@@ -3,7 +3,7 @@
 //! as the guest's `/init` and agent. Exec, power-off and guest facts go to the agent over
 //! the VM's hybrid vsock socket.
 
-use super::{Backend, Started};
+use super::{blocking, Backend, Started};
 use crate::client::{Client, Endpoint};
 use crate::daemon::error::ApiError;
 use crate::types::{
@@ -356,14 +356,6 @@ fn timeout_from_env() -> Duration {
         .and_then(|s| s.parse::<f64>().ok())
         .filter(|s| *s > 0.0)
         .map_or(DEFAULT_BOOT_TIMEOUT, Duration::from_secs_f64)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("runtime task failed: {e}")))
 }
 
 fn kill9(pid: i32) {

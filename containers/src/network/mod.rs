@@ -401,17 +401,41 @@ pub fn remove_nat(cfg: &BridgeConfig) -> Result<(), Error> {
 }
 
 fn delete_if_exists(name: &str) -> Result<(), Error> {
-    let mut nl = open_netlink(HOST_NS)?;
-    let Some(index) = nl
-        .link_index(name)
-        .map_err(nl_err(format!("looking up {name}"), HOST_NS))?
-    else {
-        return Ok(());
-    };
-    match nl.delete_link(index) {
-        // Gone meanwhile (e.g. its veth peer's netns died): that is what we wanted.
-        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
-        r => r.map_err(nl_err(format!("deleting {name}"), HOST_NS)),
+    match HostLink::find(name)? {
+        Some(link) => link.delete(),
+        None => Ok(()),
+    }
+}
+
+/// A link of the host namespace as it was when found: deleting it later removes that
+/// link and never a namesake made meanwhile, since interface indices are not reused.
+#[derive(Debug)]
+pub struct HostLink {
+    name: String,
+    index: u32,
+}
+
+impl HostLink {
+    /// The host-namespace link called `name`, if there is one.
+    pub fn find(name: &str) -> Result<Option<HostLink>, Error> {
+        validate_ifname(name)?;
+        let index = open_netlink(HOST_NS)?
+            .link_index(name)
+            .map_err(nl_err(format!("looking up {name}"), HOST_NS))?;
+        Ok(index.map(|index| HostLink {
+            name: name.to_string(),
+            index,
+        }))
+    }
+
+    /// Deletes the link; returns once the kernel has unlisted it (tens of ms: the
+    /// network stack quiesces first). A veth's peer goes with it.
+    pub fn delete(self) -> Result<(), Error> {
+        match open_netlink(HOST_NS)?.delete_link(self.index) {
+            // Gone meanwhile (e.g. its veth peer's netns died): that is what we wanted.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+            r => r.map_err(nl_err(format!("deleting {}", self.name), HOST_NS)),
+        }
     }
 }
 
