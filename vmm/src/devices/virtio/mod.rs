@@ -20,6 +20,9 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// driver accepts it; a device offers it only if its loop re-checks the queue after
 /// `enable_notification` (as blk does).
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Indirect descriptor tables: a request of many segments takes one ring slot, so several
+/// are in flight at once (virtio-queue follows the tables when it walks a chain).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
