@@ -27,26 +27,17 @@ fn runs(cmd: &str, args: &[&str]) -> bool {
 }
 
 fn pick_tool() -> Result<Tool, Error> {
+    // The daemon installs nothing itself (it may run inside a user's container or a
+    // netns without a route): `./dev` installs nftables on the host.
     if runs("nft", &["--version"]) {
         return Ok(Tool::Nft);
-    }
-    // Debian hosts may lack the nft binary even though the kernel has nf_tables.
-    if runs("apt-get", &["--version"]) {
-        tracing::info!("nft not found; installing Debian's nftables package");
-        let _ = Command::new("apt-get")
-            .args(["install", "-y", "-q", "nftables"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if runs("nft", &["--version"]) {
-            return Ok(Tool::Nft);
-        }
     }
     if runs("iptables", &["--version"]) {
         return Ok(Tool::Iptables);
     }
-    Err(Error::Nat("neither nft nor iptables is available".into()))
+    Err(Error::Nat(
+        "neither nft nor iptables is installed (Debian: apt-get install nftables)".into(),
+    ))
 }
 
 fn chain_name(bridge: &str) -> String {
