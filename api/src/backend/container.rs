@@ -632,11 +632,15 @@ impl Backend for ContainerBackend {
 
     async fn delete(&self, instance: &Instance) -> Result<(), ApiError> {
         self.cleanup(instance).await?;
-        // A deleted instance leaves nothing, its veth included, when this returns.
-        let ifname = network::host_ifname(&instance.name);
-        blocking(move || network::detach(&ifname))
-            .await?
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        // An explicit delete returns once the veth is gone too. `run --rm` does not wait
+        // for it (it would add the network stack's quiescing to every run's exit):
+        // cleanup's thread deletes it a few ms later.
+        if !instance.auto_remove {
+            let ifname = network::host_ifname(&instance.name);
+            blocking(move || network::detach(&ifname))
+                .await?
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
         let dir = self.dir(&instance.name);
         super::remove_instance_dir(&dir)
     }
