@@ -408,7 +408,8 @@ fn delete_if_exists(name: &str) -> Result<(), Error> {
 }
 
 /// A link of the host namespace as it was when found: deleting it later removes that
-/// link and never a namesake made meanwhile, since interface indices are not reused.
+/// link and never a namesake made meanwhile (the kernel hands out interface indices
+/// cyclically, so a new link does not get the old one's).
 #[derive(Debug)]
 pub struct HostLink {
     name: String,
