@@ -86,8 +86,8 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         // Event idx: one interrupt for requests completed while the guest still handles
-        // the previous one; its kernel code is what costs on kvm-pvm. Indirect: a 1 MiB
-        // read (two requests of up to seg_max pages) is in the ring at once, not in turn.
+        // the previous one; its kernel code is what costs on kvm-pvm. Indirect: a request
+        // of many scattered pages takes one ring slot, so several fit in the ring at once.
         let mut f = super::VIRTIO_F_VERSION_1
             | super::VIRTIO_RING_F_EVENT_IDX
             | super::VIRTIO_RING_F_INDIRECT_DESC
