@@ -412,6 +412,23 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// Host processes whose command line contains `needle` (read from /proc: no procps needed).
+pub fn pids_with_cmdline(needle: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(needle)
+            })
+        })
+        .collect()
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -494,4 +511,14 @@ pub fn check_chain(d: &TestDaemon, chain: &[Level]) {
 fn nix_uname_release() -> String {
     let out = Command::new("uname").arg("-r").output().expect("uname");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pids_with_cmdline_finds_this_process_and_nothing_for_a_stranger() {
+        let me = std::env::args().next().unwrap();
+        assert!(super::pids_with_cmdline(&me).contains(&std::process::id()));
+        assert!(super::pids_with_cmdline("no-such-process-\u{1}-here").is_empty());
+    }
 }

@@ -536,16 +536,9 @@ fn vm_without_an_agent_in_time_fails_and_leaves_nothing() {
         !in_netns(&d, &["link", "show"]).contains("ltvt"),
         "TAP removed"
     );
-    let left = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            &d.state_dir
-                .join("instances/slow/vmm.json")
-                .to_string_lossy(),
-        ])
-        .output()
-        .unwrap();
-    assert!(left.stdout.is_empty(), "the VMM is gone");
+    let vmm_config = d.state_dir.join("instances/slow/vmm.json");
+    let left = ltv_e2e::pids_with_cmdline(&vmm_config.to_string_lossy());
+    assert!(left.is_empty(), "the VMM is gone: {left:?}");
     d.ok(&["delete", "slow"]);
     assert_nothing_left(&d, "slow");
 }
