@@ -4,6 +4,7 @@
 use super::{blocking, Backend, Started};
 use crate::client::Client;
 use crate::daemon::error::ApiError;
+use crate::daemon::reaper::Exit;
 use crate::db::IDMAP_SIZE;
 use crate::types::{parse_size, ExecPost, Image, Instance, Kind, ServerInfo, Usage};
 use async_trait::async_trait;
@@ -43,6 +44,8 @@ pub struct ContainerBackend {
     pvm_guest: bool,
     /// Held while a system container's nested daemon is being started.
     nested_starts: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Busybox inits killed in their shutdown pause (see `end_busybox_shutdown_pause`).
+    powered_off: Arc<std::sync::Mutex<std::collections::HashSet<i32>>>,
 }
 
 /// Where a nesting system container's own daemon listens, inside it.
@@ -86,6 +89,7 @@ impl ContainerBackend {
             own_idmap: own_idmap(),
             pvm_guest,
             nested_starts: Default::default(),
+            powered_off: Default::default(),
         };
         for pool in &backend.pools {
             backend.refill(pool.clone());
@@ -531,8 +535,61 @@ fn runtime_error(e: process::Error) -> ApiError {
     }
 }
 
+/// Busybox init pauses 2 s while it powers off: 1 s after its SIGTERM to all and 1 s
+/// before reboot(2), for its messages to reach a console. Once it is the last process of
+/// its container and asleep in that pause, its shutdown is done (and no sync is pending:
+/// the container's files are the host's), so it is killed instead of waited for. Any
+/// doubt (it is gone, /proc unreadable, others still run) leaves the normal stop alone.
+/// An init killed here goes into `powered_off` first (see `recorded_exit`).
+fn end_busybox_shutdown_pause(
+    cg: &dyn cgroups::CgroupManager,
+    init: i32,
+    powered_off: &std::sync::Mutex<std::collections::HashSet<i32>>,
+) {
+    let mark = |on: bool| {
+        let mut set = powered_off.lock().unwrap_or_else(|p| p.into_inner());
+        if on {
+            set.insert(init);
+        } else {
+            set.remove(&init);
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let Ok(syscall) = std::fs::read_to_string(format!("/proc/{init}/syscall")) else {
+            return;
+        };
+        let nr = syscall
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse::<i64>().ok());
+        let asleep = nr == Some(libc::SYS_nanosleep) || nr == Some(libc::SYS_clock_nanosleep);
+        if asleep && cg.processes().is_ok_and(|p| p == [init]) {
+            mark(true);
+            if let Err(e) = cg.kill_all() {
+                tracing::warn!("ending busybox init's shutdown pause: {e}");
+                mark(false);
+            }
+            return;
+        }
+    }
+}
+
 #[async_trait]
 impl Backend for ContainerBackend {
+    /// A busybox init whose shutdown pause was cut short is recorded as having powered
+    /// off: as the kernel reports a pid namespace's init after its reboot(2), killed by
+    /// SIGINT (130), not as killed (137).
+    fn recorded_exit(&self, pid: i32, exit: Exit) -> Exit {
+        let mut powered_off = self.powered_off.lock().unwrap_or_else(|p| p.into_inner());
+        if powered_off.remove(&pid) {
+            Exit::Code(128 + libc::SIGINT)
+        } else {
+            exit
+        }
+    }
+
     fn wants_idmap(&self, instance: &Instance) -> bool {
         !instance.config.privileged
     }
@@ -607,6 +664,14 @@ impl Backend for ContainerBackend {
                 _ => nix::sys::signal::Signal::SIGTERM,
             };
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+            // SIGUSR2 goes to busybox init alone (poweroff_signal).
+            if instance.kind == Kind::System && signal == nix::sys::signal::Signal::SIGUSR2 {
+                let cg = cgroups::manager(&self.cgroup(&instance.name));
+                let powered_off = self.powered_off.clone();
+                std::thread::spawn(move || {
+                    end_busybox_shutdown_pause(cg.as_ref(), pid, &powered_off)
+                });
+            }
             Ok(())
         }
     }

@@ -7,6 +7,7 @@ pub mod rootdisk;
 pub mod vm;
 
 use crate::daemon::error::ApiError;
+use crate::daemon::reaper::Exit;
 use crate::types::{ExecPost, Image, Instance, Usage};
 use async_trait::async_trait;
 use ltv_containers::process::Stdio;
@@ -62,6 +63,11 @@ pub trait Backend: Send + Sync {
         stdio: Stdio,
         tty: bool,
     ) -> Result<Started, ApiError>;
+    /// How the main process `pid` is recorded to have ended, given how it did (by default
+    /// as it did).
+    fn recorded_exit(&self, _pid: i32, exit: Exit) -> Exit {
+        exit
+    }
     /// Asks the main process to stop (SIGTERM, poweroff); `kill` ends it at once.
     async fn signal_stop(&self, instance: &Instance, pid: i32, kill: bool) -> Result<(), ApiError>;
     /// Frees what a run held (mounts, cgroups) once the main process has ended. Idempotent.

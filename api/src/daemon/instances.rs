@@ -201,9 +201,21 @@ impl Daemon {
         let name = name.to_string();
         tokio::spawn(async move {
             let exit = reaper::wait(pid).await;
+            let exit = daemon.recorded_exit(&name, pid, exit);
             daemon.finish(&name, exit).await;
             let _ = tx.send(Some(exit));
         });
+    }
+
+    fn recorded_exit(&self, name: &str, pid: i32, exit: Exit) -> Exit {
+        let kind = self
+            .db
+            .instance(name)
+            .ok()
+            .flatten()
+            .map(|r| r.instance.kind);
+        kind.and_then(|k| self.backend(k).ok())
+            .map_or(exit, |b| b.recorded_exit(pid, exit))
     }
 
     async fn finish(&self, name: &str, exit: Exit) {

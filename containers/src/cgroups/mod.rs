@@ -65,6 +65,7 @@ pub trait CgroupManager: Send + Sync {
     fn add_process(&self, pid: i32) -> std::io::Result<()>;
     fn apply(&self, limits: &Limits) -> std::io::Result<()>;
     fn stats(&self) -> std::io::Result<Stats>;
+    /// The processes in the group and in its sub-groups (a nesting container's own).
     fn processes(&self) -> std::io::Result<Vec<i32>>;
     /// SIGKILL every process in the group and wait until it is empty.
     fn kill_all(&self) -> std::io::Result<()>;

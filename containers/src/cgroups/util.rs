@@ -45,6 +45,20 @@ pub fn read_procs(path: &Path) -> Result<Vec<i32>> {
     }
 }
 
+/// Appends the processes of the group at `dir` and of every group below it (a nesting
+/// container's own sub-groups) to `out`.
+pub fn subtree_procs(dir: &Path, out: &mut Vec<i32>) -> Result<()> {
+    out.extend(read_procs(&dir.join("cgroup.procs"))?);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                subtree_procs(&e.path(), out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Removes `dir` and every cgroup below it, deepest first; a missing dir is fine.
 /// `rmdir` may see EBUSY for a moment after the last task exits, so it retries.
 pub fn remove_tree(dir: &Path) -> Result<()> {

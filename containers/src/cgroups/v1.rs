@@ -143,12 +143,10 @@ impl V1Manager {
     fn all_procs(&self) -> Result<Vec<i32>> {
         let mut all = Vec::new();
         for h in &self.hierarchies {
-            for p in util::read_procs(&self.dir(h)?.join("cgroup.procs"))? {
-                if !all.contains(&p) {
-                    all.push(p);
-                }
-            }
+            util::subtree_procs(&self.dir(h)?, &mut all)?;
         }
+        all.sort_unstable();
+        all.dedup();
         Ok(all)
     }
 

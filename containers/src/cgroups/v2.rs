@@ -69,21 +69,9 @@ impl V2Manager {
     fn procs(&self) -> Result<Vec<i32>> {
         let d = self.dir()?;
         let mut all = Vec::new();
-        collect_procs(&d, &mut all)?;
+        util::subtree_procs(&d, &mut all)?;
         Ok(all)
     }
-}
-
-fn collect_procs(dir: &Path, out: &mut Vec<i32>) -> Result<()> {
-    out.extend(util::read_procs(&dir.join("cgroup.procs"))?);
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                collect_procs(&e.path(), out)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 fn write_if(dir: &Path, file: &str, value: &str, needed: bool) -> Result<()> {
