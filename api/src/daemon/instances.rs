@@ -6,7 +6,7 @@ use super::reaper::{self, Exit};
 use super::{pio, Daemon};
 use crate::backend::Started;
 use crate::db::{now, InstanceRow};
-use crate::types::{validate_name, ExecPost, Image, Instance, InstancesPost, Status};
+use crate::types::{validate_name, ExecPost, Image, Instance, InstancesPost, Kind, Status};
 use ltv_containers::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,7 +174,7 @@ impl Daemon {
                     "started"
                 );
                 self.db.set_running(name, pid, start_time)?;
-                self.supervise(name, pid);
+                self.supervise(name, instance.kind, pid);
                 Ok(pid)
             }
             Err(e) => {
@@ -191,7 +191,7 @@ impl Daemon {
     }
 
     /// Waits for the main process in the background, then frees its resources.
-    fn supervise(self: &Arc<Self>, name: &str, pid: i32) {
+    fn supervise(self: &Arc<Self>, name: &str, kind: Kind, pid: i32) {
         let (tx, rx) = watch::channel(None);
         self.exits
             .lock()
@@ -201,21 +201,13 @@ impl Daemon {
         let name = name.to_string();
         tokio::spawn(async move {
             let exit = reaper::wait(pid).await;
-            let exit = daemon.recorded_exit(&name, pid, exit);
+            let exit = match daemon.backend(kind) {
+                Ok(backend) => backend.recorded_exit(pid, exit),
+                Err(_) => exit,
+            };
             daemon.finish(&name, exit).await;
             let _ = tx.send(Some(exit));
         });
-    }
-
-    fn recorded_exit(&self, name: &str, pid: i32, exit: Exit) -> Exit {
-        let kind = self
-            .db
-            .instance(name)
-            .ok()
-            .flatten()
-            .map(|r| r.instance.kind);
-        kind.and_then(|k| self.backend(k).ok())
-            .map_or(exit, |b| b.recorded_exit(pid, exit))
     }
 
     async fn finish(&self, name: &str, exit: Exit) {
@@ -442,7 +434,11 @@ pub async fn readopt(daemon: &Arc<Daemon>) {
         };
         if alive {
             tracing::info!(instance = %name, pid = row.instance.pid, "re-adopted running instance");
-            daemon.supervise(&name, row.instance.pid.unwrap_or_default());
+            daemon.supervise(
+                &name,
+                row.instance.kind,
+                row.instance.pid.unwrap_or_default(),
+            );
         } else {
             tracing::info!(instance = %name, "instance ended while the daemon was away");
             daemon.finish(&name, Exit::Unknown).await;
