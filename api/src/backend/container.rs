@@ -122,6 +122,33 @@ impl ContainerBackend {
         format!("{}/{}", self.cgroup_root, name)
     }
 
+    /// Frees what a run held: its mounts and cgroups, then the host end of its veth (the
+    /// veth goes with the container's network namespace; this covers a namespace that
+    /// something else still holds). Deleting a link waits for the network stack to quiesce
+    /// (tens of ms): unless `wait_for_veth`, that goes on a thread, by index, so a veth of
+    /// the next start (`start` removes a leftover first) is never hit.
+    async fn release(&self, instance: &Instance, wait_for_veth: bool) -> Result<(), ApiError> {
+        let spec = self.skeleton(&instance.name);
+        blocking(move || process::destroy(&spec))
+            .await?
+            .map_err(runtime_error)?;
+        let ifname = network::host_ifname(&instance.name);
+        let Some(veth) = blocking(move || network::HostLink::find(&ifname))
+            .await?
+            .map_err(|e| ApiError::internal(e.to_string()))?
+        else {
+            return Ok(());
+        };
+        if wait_for_veth {
+            blocking(move || veth.delete())
+                .await?
+                .map_err(|e| ApiError::internal(e.to_string()))
+        } else {
+            std::thread::spawn(move || veth.delete());
+            Ok(())
+        }
+    }
+
     /// Names, paths and cgroup of an instance; enough for `destroy`.
     fn skeleton(&self, name: &str) -> ContainerSpec {
         let dir = self.dir(name);
@@ -546,14 +573,7 @@ fn end_busybox_shutdown_pause(
     init: i32,
     powered_off: &std::sync::Mutex<std::collections::HashSet<i32>>,
 ) {
-    let mark = |on: bool| {
-        let mut set = powered_off.lock().unwrap_or_else(|p| p.into_inner());
-        if on {
-            set.insert(init);
-        } else {
-            set.remove(&init);
-        }
-    };
+    let powered_off = || powered_off.lock().unwrap_or_else(|p| p.into_inner());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -566,10 +586,10 @@ fn end_busybox_shutdown_pause(
             .and_then(|n| n.parse::<i64>().ok());
         let asleep = nr == Some(libc::SYS_nanosleep) || nr == Some(libc::SYS_clock_nanosleep);
         if asleep && cg.processes().is_ok_and(|p| p == [init]) {
-            mark(true);
+            powered_off().insert(init);
             if let Err(e) = cg.kill_all() {
                 tracing::warn!("ending busybox init's shutdown pause: {e}");
-                mark(false);
+                powered_off().remove(&init);
             }
             return;
         }
@@ -677,35 +697,13 @@ impl Backend for ContainerBackend {
     }
 
     async fn cleanup(&self, instance: &Instance) -> Result<(), ApiError> {
-        let spec = self.skeleton(&instance.name);
-        blocking(move || process::destroy(&spec))
-            .await?
-            .map_err(runtime_error)?;
-        // The veth goes with the container's network namespace; this covers a namespace
-        // that something else still holds. Deleting a link waits for the network stack to
-        // quiesce (tens of ms), so after a stop it goes off the request path: by index, so
-        // a veth of the next start (`start` removes a leftover first) is never hit.
-        let ifname = network::host_ifname(&instance.name);
-        if let Some(veth) = blocking(move || network::HostLink::find(&ifname))
-            .await?
-            .map_err(|e| ApiError::internal(e.to_string()))?
-        {
-            std::thread::spawn(move || veth.delete());
-        }
-        Ok(())
+        self.release(instance, false).await
     }
 
     async fn delete(&self, instance: &Instance) -> Result<(), ApiError> {
-        self.cleanup(instance).await?;
         // An explicit delete returns once the veth is gone too. `run --rm` does not wait
-        // for it (it would add the network stack's quiescing to every run's exit):
-        // cleanup's thread deletes it a few ms later.
-        if !instance.auto_remove {
-            let ifname = network::host_ifname(&instance.name);
-            blocking(move || network::detach(&ifname))
-                .await?
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-        }
+        // for it (it would add the network stack's quiescing to every run's exit).
+        self.release(instance, !instance.auto_remove).await?;
         let dir = self.dir(&instance.name);
         super::remove_instance_dir(&dir)
     }
