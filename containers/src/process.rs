@@ -431,10 +431,11 @@ fn start_inner(
     spare: Option<Spare>,
     helper: &mut Option<Helper>,
 ) -> Result<Started, Error> {
-    // The veth is made on a second thread as soon as the helper (so its network namespace)
-    // exists, while this one sets up the cgroup and the rootfs; the helper execs meanwhile.
+    // The veth is made (or a spare's, made ahead, connected) on a second thread as soon as
+    // the helper (so its network namespace) exists, while this one sets up the cgroup and
+    // the rootfs; the helper execs meanwhile.
     std::thread::scope(|scope| {
-        let attach_network = |pid: i32| {
+        let attach_network = |pid: i32, veth: Option<crate::network::Veth>| {
             let NetworkMode::Bridge {
                 bridge,
                 host_ifname,
@@ -451,7 +452,10 @@ fn start_inner(
                 prefix: *prefix,
                 gateway: *gateway,
             };
-            Some(scope.spawn(move || crate::network::attach(pid, bridge, &att)))
+            Some(scope.spawn(move || match veth {
+                Some(veth) => veth.connect(bridge, &att),
+                None => crate::network::attach(pid, bridge, &att),
+            }))
         };
         let network;
         let h = match spare {
@@ -464,7 +468,7 @@ fn start_inner(
                     let _ = cgroups::manager(&spare.cgroup.path).remove();
                     return Err(setup("claim spare cgroup")(e));
                 }
-                network = attach_network(h.pid);
+                network = attach_network(h.pid, spare.veth);
                 cg.apply(&spec.limits)
                     .map_err(setup("apply cgroup limits"))?;
                 delegate_if_nesting(spec, cg)?;
@@ -484,7 +488,7 @@ fn start_inner(
                     namespaces::clone_flags(spec.idmap.is_some()),
                     Some(cg),
                 )?);
-                network = attach_network(h.pid);
+                network = attach_network(h.pid, None);
                 if let Some(m) = &spec.idmap {
                     namespaces::write_id_maps(h.pid, m)
                         .map_err(setup("write user namespace id maps"))?;
@@ -531,6 +535,8 @@ fn start_inner(
 struct Spare {
     helper: Helper,
     cgroup: SpareCgroup,
+    /// Its veth, made ahead too when the pool is for bridged containers.
+    veth: Option<crate::network::Veth>,
 }
 
 /// The spare's cgroup, `<root>/.spare-<n>`, renamed to the container's on claim.
@@ -574,6 +580,9 @@ pub struct Pool {
     /// Spares for user-namespaced containers: they wait for their id map before they
     /// exec the helper.
     userns: bool,
+    /// Spares come with a veth (see [`crate::network::Veth`]) and serve only containers
+    /// with a bridged network.
+    veths: bool,
 }
 
 /// What a `Reserve` holds: a process spawned ahead of time, and how to get rid of it.
@@ -662,8 +671,9 @@ impl<T: Reserved> Reserve<T> {
 }
 
 impl Pool {
-    /// A pool of `size` spares under cgroup `root`; `None` where it would not help (v2).
-    pub fn new(root: &str, size: usize, userns: bool) -> Option<Pool> {
+    /// A pool of `size` spares under cgroup `root`, with veths made ahead if `veths`;
+    /// `None` where it would not help (v2).
+    pub fn new(root: &str, size: usize, userns: bool, veths: bool) -> Option<Pool> {
         if size == 0 || cgroups::Layout::detect() == cgroups::Layout::V2 {
             return None;
         }
@@ -671,6 +681,7 @@ impl Pool {
             root: root.trim_matches('/').to_string(),
             spares: Reserve::new(size),
             userns,
+            veths,
         })
     }
 
@@ -686,6 +697,10 @@ impl Pool {
             .rsplit_once('/')
             .map(|(p, _)| p);
         if spec.idmap.is_some() != self.userns || parent != Some(self.root.as_str()) {
+            return None;
+        }
+        // A spare's eth0 must not show up in a container meant to have none.
+        if self.veths && !matches!(spec.network, NetworkMode::Bridge { .. }) {
             return None;
         }
         self.spares.take()
@@ -726,10 +741,23 @@ impl Pool {
             Ok(h)
         })();
         match spare {
-            Ok(helper) => Ok(Spare {
-                helper,
-                cgroup: SpareCgroup { path },
-            }),
+            Ok(helper) => {
+                // Without one, a start makes the veth itself, as without a spare.
+                let veth = self
+                    .veths
+                    .then(|| {
+                        crate::network::Veth::create(helper.pid, &format!("ltvs{}", helper.pid))
+                    })
+                    .and_then(|made| {
+                        made.map_err(|e| tracing::warn!("container pool: no veth ahead: {e}"))
+                            .ok()
+                    });
+                Ok(Spare {
+                    helper,
+                    cgroup: SpareCgroup { path },
+                    veth,
+                })
+            }
             Err(e) => {
                 let _ = cg.remove();
                 Err(e)

@@ -234,6 +234,63 @@ fn failures_leave_no_veth() {
     });
 }
 
+#[test]
+fn veth_made_ahead_then_connected() {
+    in_private_netns(|| {
+        let cfg = test_bridge();
+        network::ensure_bridge(&cfg).unwrap();
+        let a = Sleeper::spawn(true);
+        let att = cfg.attachment("test-ahead", Ipv4Addr::new(10, 213, 7, 20));
+
+        // Made ahead: the host end under a temporary name, down and on no bridge; inside,
+        // eth0 down and without an address, lo already up.
+        let veth = network::Veth::create(a.pid(), "ltvstest").unwrap();
+        let line = link_line("ltvstest");
+        assert!(!line.contains("master") && !line.contains(",UP"), "{line}");
+        let (ok, out) = a.run(&["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
+        assert!(ok && out.trim().is_empty(), "{out}");
+        assert!(link_line_in(&a, "lo").contains(",UP"));
+        assert!(!link_line_in(&a, "eth0").contains(",UP"));
+
+        // Connected: renamed to the instance's name, on the bridge, up; inside configured.
+        veth.connect(&cfg.name, &att).unwrap();
+        assert!(!link_exists("ltvstest"));
+        let line = link_line(&att.host_ifname);
+        assert!(
+            line.contains("master ltvtest0") && line.contains(",UP"),
+            "{line}"
+        );
+        let (ok, out) = a.run(&["ip", "-4", "addr", "show", "dev", "eth0"]);
+        assert!(ok && out.contains("10.213.7.20/24"), "{out}");
+        let (ok, out) = a.run(&["ip", "-4", "route", "show", "default"]);
+        assert!(
+            ok && out.contains("default via 10.213.7.1 dev eth0"),
+            "{out}"
+        );
+        let (ok, out) = a.run(&["busybox", "ping", "-c1", "-W2", "10.213.7.1"]);
+        assert!(ok, "to the gateway: {out}");
+
+        // The instance's name is taken (by the veth above): refused, and the pair made
+        // ahead is deleted, while the other one is left alone.
+        let b = Sleeper::spawn(true);
+        let veth = network::Veth::create(b.pid(), "ltvstest").unwrap();
+        let err = veth.connect(&cfg.name, &att).unwrap_err();
+        assert!(matches!(err, Error::InterfaceExists { .. }), "{err}");
+        assert!(!link_exists("ltvstest"));
+        assert!(!b.run(&["ip", "link", "show", "dev", "eth0"]).0);
+        assert!(link_line(&att.host_ifname).contains(",UP"));
+
+        network::detach(&att.host_ifname).unwrap();
+        assert!(veths().trim().is_empty(), "{}", veths());
+    });
+}
+
+fn link_line_in(s: &Sleeper, name: &str) -> String {
+    let (ok, out) = s.run(&["ip", "-o", "link", "show", "dev", name]);
+    assert!(ok, "{name}: {out}");
+    out
+}
+
 fn link_line(name: &str) -> String {
     let (ok, out) = run("ip", &["-d", "-o", "link", "show", "dev", name]);
     assert!(ok, "{name}: {out}");

@@ -613,7 +613,7 @@ fn pool_spare_becomes_the_container(env: &Env) {
 }
 
 fn pool_spare_run(env: &Env, userns: bool) {
-    let Some(pool) = process::Pool::new(&env.cg_parent, 1, userns) else {
+    let Some(pool) = process::Pool::new(&env.cg_parent, 1, userns, false) else {
         eprintln!("pool: skipped (cgroup v2 host: CLONE_INTO_CGROUP makes the pool moot)");
         return;
     };

@@ -247,7 +247,7 @@ fn bridge_networking_between_containers() {
     assert_eq!(ifaces, "lo\n");
 
     // Deleting frees the address and the veth, before `delete` returns.
-    let veths = || -> Vec<String> {
+    let links = || -> Vec<String> {
         let links = std::process::Command::new("ip")
             .args(["netns", "exec", d.netns.as_deref().unwrap()])
             .args(["ip", "-o", "link", "show", "type", "veth"])
@@ -255,6 +255,23 @@ fn bridge_networking_between_containers() {
             .unwrap();
         stdout(&links).lines().map(str::to_string).collect()
     };
+    let named = |prefix: &'static str| {
+        move |l: &String| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|n| n.starts_with(prefix))
+        }
+    };
+    // The instances' veths; the daemon's spare helpers have theirs made ahead, down and
+    // on no bridge, under names of their own.
+    let veths = || -> Vec<String> { links().into_iter().filter(named("veth")).collect() };
+    let spares: Vec<String> = links().into_iter().filter(named("ltvs")).collect();
+    // Spares exist on cgroup v1 only (v2 clones straight into a cgroup instead).
+    let v1 = d.api_json("GET", "/1.0", None).1["cgroup"] != "v2";
+    assert!(!v1 || !spares.is_empty(), "{:?}", links());
+    for s in &spares {
+        assert!(!s.contains("master") && !s.contains(",UP"), "{s}");
+    }
     assert_eq!(veths().len(), 2, "web and box: {:?}", veths());
     d.ok(&["delete", "--force", "web"]);
     d.assert_no_leftovers("web");

@@ -30,6 +30,8 @@ pub struct ContainerBackend {
     pools: Vec<Arc<process::Pool>>,
     /// Exec helpers started ahead of time (cgroup v1 only), refilled after each exec.
     exec_spares: Option<Arc<process::ExecSpares>>,
+    /// Starts and execs in progress: refills wait for them (see [`Quiet`]).
+    quiet: Arc<Quiet>,
     /// The bridge instances attach to (`None`: loopback only).
     bridge: Option<BridgeConfig>,
     /// `<state>/bundle`: the `ltv` that system containers get at `/.ltv`.
@@ -46,6 +48,63 @@ pub struct ContainerBackend {
     nested_starts: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Busybox inits killed in their shutdown pause (see `end_busybox_shutdown_pause`).
     powered_off: Arc<std::sync::Mutex<std::collections::HashSet<i32>>>,
+}
+
+/// Refills of spare helpers wait for a quiet moment: a refill's clone, cgroup directories
+/// and veth take the same CPUs and kernel locks (cgroup_mutex, rtnl) as the start or exec
+/// that just used a spare, and as the one that usually follows it (`launch`, then `exec`).
+/// Run right after each start, the refill ate what making veths ahead saved.
+#[derive(Default)]
+struct Quiet {
+    /// Starts and execs running now, and when the last one ended.
+    state: std::sync::Mutex<(usize, Option<std::time::Instant>)>,
+}
+
+impl Quiet {
+    /// Quiet this long after the last start or exec ends.
+    const AFTER: std::time::Duration = std::time::Duration::from_millis(15);
+    /// A refill waits no longer than this, so a steady stream of starts still gets spares.
+    const AT_MOST: std::time::Duration = std::time::Duration::from_millis(150);
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<std::time::Instant>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks a start or exec as running until the guard drops.
+    fn enter(self: &Arc<Self>) -> impl Drop {
+        self.lock().0 += 1;
+        QuietGuard(self.clone())
+    }
+
+    /// Blocks until nothing ran for [`Self::AFTER`], or [`Self::AT_MOST`] passed.
+    fn wait(&self) {
+        let deadline = std::time::Instant::now() + Self::AT_MOST;
+        loop {
+            let now = std::time::Instant::now();
+            let pause = match *self.lock() {
+                (0, None) => return,
+                (0, Some(last)) => match Self::AFTER.checked_sub(now - last) {
+                    None => return,
+                    Some(left) => left,
+                },
+                _ => Self::AFTER,
+            };
+            if now >= deadline {
+                return;
+            }
+            std::thread::sleep(pause.min(deadline - now));
+        }
+    }
+}
+
+struct QuietGuard(Arc<Quiet>);
+
+impl Drop for QuietGuard {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.0 -= 1;
+        state.1 = Some(std::time::Instant::now());
+    }
 }
 
 /// Where a nesting system container's own daemon listens, inside it.
@@ -72,9 +131,12 @@ impl ContainerBackend {
             process::set_setup_timeout(std::time::Duration::from_secs(300));
         }
         // Most containers are unprivileged: that pool gets the size, the other one spare.
+        // With a bridge, spares come with their veth made.
         let pools = [(true, pool_size), (false, pool_size.min(1))]
             .into_iter()
-            .filter_map(|(userns, size)| process::Pool::new(&cgroup_root, size, userns))
+            .filter_map(|(userns, size)| {
+                process::Pool::new(&cgroup_root, size, userns, bridge.is_some())
+            })
             .map(Arc::new)
             .collect();
         let backend = ContainerBackend {
@@ -83,6 +145,7 @@ impl ContainerBackend {
             cgroup_root,
             pools,
             exec_spares: process::ExecSpares::new(pool_size).map(Arc::new),
+            quiet: Default::default(),
             bridge,
             bundle_cache,
             bundle: std::sync::OnceLock::new(),
@@ -105,12 +168,20 @@ impl ContainerBackend {
 
     fn refill(&self, pool: Arc<process::Pool>) {
         // A dedicated thread: the refill waits on the kernel, not the runtime.
-        std::thread::spawn(move || pool.refill());
+        let quiet = self.quiet.clone();
+        std::thread::spawn(move || {
+            quiet.wait();
+            pool.refill()
+        });
     }
 
     fn refill_exec_spares(&self) {
         if let Some(spares) = self.exec_spares.clone() {
-            std::thread::spawn(move || spares.refill());
+            let quiet = self.quiet.clone();
+            std::thread::spawn(move || {
+                quiet.wait();
+                spares.refill()
+            });
         }
     }
 
@@ -650,6 +721,7 @@ impl Backend for ContainerBackend {
         stdio: Stdio,
         tty: bool,
     ) -> Result<Started, ApiError> {
+        let _busy = self.quiet.enter();
         let process = self.main_process(instance, image, tty)?;
         let spec = self.spec(instance, image, process).await?;
         self.write_hosts(instance)?;
@@ -716,6 +788,7 @@ impl Backend for ContainerBackend {
         req: &ExecPost,
         stdio: Stdio,
     ) -> Result<Started, ApiError> {
+        let _busy = self.quiet.enter();
         let process = self.process(
             instance,
             image,
@@ -840,6 +913,30 @@ impl Backend for ContainerBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refills_wait_for_quiet() {
+        use std::time::{Duration, Instant};
+        let quiet = Arc::new(Quiet::default());
+        // Nothing ever ran: no wait (returns, rather than sleeping AT_MOST).
+        quiet.wait();
+        // A start running: the refill waits for it to end, then for the quiet period.
+        let busy = quiet.enter();
+        let t = Instant::now();
+        let waiter = {
+            let quiet = quiet.clone();
+            std::thread::spawn(move || quiet.wait())
+        };
+        std::thread::sleep(Duration::from_millis(40));
+        drop(busy);
+        waiter.join().unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(40) + Quiet::AFTER);
+        // Starts that never stop leave it waiting only so long.
+        let _busy = quiet.enter();
+        let t = Instant::now();
+        quiet.wait();
+        assert!(t.elapsed() >= Quiet::AT_MOST);
+    }
 
     #[test]
     fn env_overrides_by_key() {

@@ -6,6 +6,7 @@
 //!    `let addr = allocate(&cfg.subnet, &used)?;` then
 //!    `attach(pid, &cfg.name, &cfg.attachment(instance, addr))`, and write
 //!    [`hosts_file`] into the rootfs;
+//!    ([`Veth::create`] ahead of time, then [`Veth::connect`], splits `attach` in two.)
 //! 3. on stop: [`detach`] with [`host_ifname`] of the instance (the veth also dies
 //!    with the container's netns, so this is cleanup, not a requirement).
 //!
@@ -451,60 +452,142 @@ pub fn detach(host_ifname: &str) -> Result<(), Error> {
 /// Connects the netns of `pid` to `bridge` through a new veth pair (see [`Attachment`]).
 /// On failure the veth is deleted again.
 pub fn attach(pid: i32, bridge: &str, att: &Attachment) -> Result<(), Error> {
-    let host = &att.host_ifname;
-    validate_ifname(host)?;
+    validate_attachment(bridge, att)?;
+    Veth::create(pid, &att.host_ifname)?.connect(bridge, att)
+}
+
+fn validate_attachment(bridge: &str, att: &Attachment) -> Result<(), Error> {
+    validate_ifname(&att.host_ifname)?;
     validate_ifname(bridge)?;
     if !(1..=32).contains(&att.prefix) {
         return Err(Error::InvalidAttachment {
-            ifname: host.clone(),
+            ifname: att.host_ifname.clone(),
             reason: format!("prefix /{} out of range", att.prefix),
         });
     }
-    let ns = open_netns(pid)?;
-
-    let mut nl = open_netlink(HOST_NS)?;
-    let br = existing_link(&mut nl, bridge, HOST_NS)?;
-    if nl
-        .link_index(host)
-        .map_err(nl_err(format!("looking up {host}"), HOST_NS))?
-        .is_some()
-    {
-        return Err(Error::InterfaceExists {
-            name: host.clone(),
-            netns: HOST_NS.into(),
-        });
-    }
-    // The peer is created straight inside the target netns under its final name, so no
-    // stray interface ever shows up in the caller's netns.
-    nl.create_veth(host, CONTAINER_IFNAME, ns.as_raw_fd())
-        .map_err(|source| {
-            if source.raw_os_error() == Some(libc::EEXIST) {
-                Error::InterfaceExists {
-                    name: CONTAINER_IFNAME.into(),
-                    netns: pid_ns(pid),
-                }
-            } else {
-                Error::Netlink {
-                    op: format!("creating veth {host} with peer {CONTAINER_IFNAME}"),
-                    netns: format!("{HOST_NS} and {}", pid_ns(pid)),
-                    source,
-                }
-            }
-        })?;
-
-    let result = (|| {
-        let index = existing_link(&mut nl, host, HOST_NS)?;
-        nl.set_link(index, Some(br), true)
-            .map_err(nl_err(format!("attaching {host} to {bridge}"), HOST_NS))?;
-        configure_inside(pid, ns, att)
-    })();
-    if let Err(e) = result {
-        if let Err(cleanup) = delete_if_exists(host) {
-            tracing::warn!("attach {host}: cleanup after failure failed: {cleanup}");
-        }
-        return Err(e);
-    }
     Ok(())
+}
+
+/// A veth pair whose host end is down and on no bridge, and whose peer is `eth0`, down,
+/// inside the netns of a process, where `lo` is already up. [`Veth::connect`] finishes it.
+/// Made ahead of time for a spare container helper, it leaves only a rename and four
+/// quick netlink requests to a container's start (creating a veth pair takes the network
+/// stack 1-2 ms here). Dropped unconnected, the pair goes with that netns (the socket
+/// held here keeps the netns alive until then).
+pub struct Veth {
+    host_name: String,
+    host_index: u32,
+    /// A socket opened inside the peer's netns (a netlink socket acts on its creator's).
+    inside: Netlink,
+    inside_index: u32,
+    netns: String,
+}
+
+impl Veth {
+    /// Creates the pair with host end `host_name`; the peer is born inside the netns of
+    /// `pid` under its final name, so no stray interface ever shows up in ours.
+    pub fn create(pid: i32, host_name: &str) -> Result<Veth, Error> {
+        validate_ifname(host_name)?;
+        let ns = open_netns(pid)?;
+        let mut nl = open_netlink(HOST_NS)?;
+        if nl
+            .link_index(host_name)
+            .map_err(nl_err(format!("looking up {host_name}"), HOST_NS))?
+            .is_some()
+        {
+            return Err(Error::InterfaceExists {
+                name: host_name.to_string(),
+                netns: HOST_NS.into(),
+            });
+        }
+        nl.create_veth(host_name, CONTAINER_IFNAME, ns.as_raw_fd())
+            .map_err(|source| {
+                if source.raw_os_error() == Some(libc::EEXIST) {
+                    Error::InterfaceExists {
+                        name: CONTAINER_IFNAME.into(),
+                        netns: pid_ns(pid),
+                    }
+                } else {
+                    Error::Netlink {
+                        op: format!("creating veth {host_name} with peer {CONTAINER_IFNAME}"),
+                        netns: format!("{HOST_NS} and {}", pid_ns(pid)),
+                        source,
+                    }
+                }
+            })?;
+        let host_index = match existing_link(&mut nl, host_name, HOST_NS) {
+            Ok(index) => index,
+            Err(e) => {
+                if let Err(cleanup) = delete_if_exists(host_name) {
+                    tracing::warn!("veth {host_name}: cleanup after failure failed: {cleanup}");
+                }
+                return Err(e);
+            }
+        };
+        let half = HostLink {
+            name: host_name.to_string(),
+            index: host_index,
+        };
+        match open_inside(pid, ns) {
+            Ok((inside, inside_index)) => Ok(Veth {
+                host_name: host_name.to_string(),
+                host_index,
+                inside,
+                inside_index,
+                netns: pid_ns(pid),
+            }),
+            Err(e) => {
+                if let Err(cleanup) = half.delete() {
+                    tracing::warn!("veth {host_name}: cleanup after failure failed: {cleanup}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Names the host end `att.host_ifname` (if it is not already), enslaves it to
+    /// `bridge` and sets it up, all in one request; inside: eth0's address, eth0 up, the
+    /// default route. On failure the pair is deleted.
+    pub fn connect(mut self, bridge: &str, att: &Attachment) -> Result<(), Error> {
+        validate_attachment(bridge, att)?;
+        let host = &att.host_ifname;
+        let result = (|| {
+            let mut nl = open_netlink(HOST_NS)?;
+            let br = existing_link(&mut nl, bridge, HOST_NS)?;
+            let rename = (*host != self.host_name).then_some(host.as_str());
+            nl.set_link_named(self.host_index, rename, Some(br), true)
+                .map_err(|source| {
+                    if rename.is_some() && source.raw_os_error() == Some(libc::EEXIST) {
+                        Error::InterfaceExists {
+                            name: host.clone(),
+                            netns: HOST_NS.into(),
+                        }
+                    } else {
+                        nl_err(format!("attaching {host} to {bridge}"), HOST_NS)(source)
+                    }
+                })?;
+            address_link(
+                &mut self.inside,
+                &self.netns,
+                CONTAINER_IFNAME,
+                self.inside_index,
+                att.address,
+                att.prefix,
+                Some(att.gateway),
+            )
+        })();
+        if let Err(e) = result {
+            let half = HostLink {
+                name: host.clone(),
+                index: self.host_index,
+            };
+            if let Err(cleanup) = half.delete() {
+                tracing::warn!("attach {host}: cleanup after failure failed: {cleanup}");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
 }
 
 /// Opens /proc/PID/ns/net, refusing the caller's own netns (we would reconfigure the host).
@@ -525,14 +608,13 @@ fn open_netns(pid: i32) -> Result<File, Error> {
     Ok(ns)
 }
 
-/// Inside the netns of `pid`: [`configure_link`] for eth0 with the attachment's address.
-fn configure_inside(pid: i32, ns: File, att: &Attachment) -> Result<(), Error> {
-    let att = att.clone();
+/// Inside the netns of `pid`, on a thread that enters it and exits right after: a netlink
+/// socket bound to that netns, with `lo` brought up, and the index of eth0.
+fn open_inside(pid: i32, ns: File) -> Result<(Netlink, u32), Error> {
     let thread = std::thread::Builder::new()
         .name("ltv-netns".into())
-        .spawn(move || -> Result<(), Error> {
+        .spawn(move || -> Result<(Netlink, u32), Error> {
             let netns = pid_ns(pid);
-            // Only this thread switches netns; it exits right after.
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
                 Error::Namespace {
                     pid,
@@ -540,14 +622,9 @@ fn configure_inside(pid: i32, ns: File, att: &Attachment) -> Result<(), Error> {
                 }
             })?;
             let mut nl = open_netlink(&netns)?;
-            configure_link(
-                &mut nl,
-                &netns,
-                CONTAINER_IFNAME,
-                att.address,
-                att.prefix,
-                Some(att.gateway),
-            )
+            loopback_up(&mut nl, &netns)?;
+            let index = existing_link(&mut nl, CONTAINER_IFNAME, &netns)?;
+            Ok((nl, index))
         })
         .map_err(|source| Error::Io {
             what: "spawning the netns thread".into(),
@@ -560,7 +637,6 @@ fn configure_inside(pid: i32, ns: File, att: &Attachment) -> Result<(), Error> {
         })
     })
 }
-
 /// Configures `ifname` in the caller's (the current thread's) netns: lo up, `ifname` up
 /// with `address`/`prefix`, and a default route via `gateway` if given. This is what a
 /// microVM's init runs on its virtio-net interface. Not idempotent: an address or default
@@ -592,10 +668,27 @@ fn configure_link(
     prefix: u8,
     gateway: Option<Ipv4Addr>,
 ) -> Result<(), Error> {
+    loopback_up(nl, netns)?;
+    let index = existing_link(nl, ifname, netns)?;
+    address_link(nl, netns, ifname, index, address, prefix, gateway)
+}
+
+fn loopback_up(nl: &mut Netlink, netns: &str) -> Result<(), Error> {
     let lo = existing_link(nl, "lo", netns)?;
     nl.set_link(lo, None, true)
-        .map_err(nl_err("bringing lo up", netns))?;
-    let index = existing_link(nl, ifname, netns)?;
+        .map_err(nl_err("bringing lo up", netns))
+}
+
+/// `ifname` (at `index`): its address, up, and the default route via `gateway`.
+fn address_link(
+    nl: &mut Netlink,
+    netns: &str,
+    ifname: &str,
+    index: u32,
+    address: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+) -> Result<(), Error> {
     nl.add_address(index, address, prefix).map_err(nl_err(
         format!("adding {address}/{prefix} to {ifname}"),
         netns,

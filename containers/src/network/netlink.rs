@@ -139,8 +139,23 @@ impl Netlink {
 
     /// Sets a link's bridge master and/or sets it up.
     pub(crate) fn set_link(&mut self, index: u32, master: Option<u32>, up: bool) -> io::Result<()> {
+        self.set_link_named(index, None, master, up)
+    }
+
+    /// [`Self::set_link`] that also renames the link, in the same request: the kernel
+    /// renames before it changes the flags, and a link must be down to be renamed.
+    pub(crate) fn set_link_named(
+        &mut self,
+        index: u32,
+        rename: Option<&str>,
+        master: Option<u32>,
+        up: bool,
+    ) -> io::Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
+        if let Some(name) = rename {
+            msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        }
         if up {
             msg.header.flags = LinkFlags::Up;
             msg.header.change_mask = LinkFlags::Up;
