@@ -452,9 +452,14 @@ fn start_inner(
                 prefix: *prefix,
                 gateway: *gateway,
             };
-            Some(scope.spawn(move || match veth {
-                Some(veth) => veth.connect(bridge, &att),
-                None => crate::network::attach(pid, bridge, &att),
+            Some(scope.spawn(move || {
+                // The host end's name is this container's: one left by its previous run
+                // (deleted off the request path after it stopped) goes first.
+                crate::network::detach(&att.host_ifname)?;
+                match veth {
+                    Some(veth) => veth.connect(bridge, &att),
+                    None => crate::network::attach(pid, bridge, &att),
+                }
             }))
         };
         let network;

@@ -725,11 +725,6 @@ impl Backend for ContainerBackend {
         let process = self.main_process(instance, image, tty)?;
         let spec = self.spec(instance, image, process).await?;
         self.write_hosts(instance)?;
-        if matches!(spec.network, NetworkMode::Bridge { .. }) {
-            // A veth of this instance's previous run that is still being deleted.
-            let ifname = network::host_ifname(&instance.name);
-            let _ = blocking(move || network::detach(&ifname)).await;
-        }
         let pool = self.pool_for(instance);
         let claimed = pool.clone();
         let started = blocking(move || process::start(&spec, stdio, claimed.as_deref())).await?;
