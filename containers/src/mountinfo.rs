@@ -79,8 +79,51 @@ pub fn parse(text: &str) -> Vec<MountInfo> {
 }
 
 /// The mounts of the calling process's mount namespace.
+///
+/// Kept from the last call while it is still true: a mount or unmount in the namespace
+/// marks an open mountinfo file (POLLPRI, proc(5)), and a move to another namespace
+/// changes /proc/self/ns/mnt. Reading and parsing the table took 0.2 ms here, on every
+/// container start and exec (their cgroup paths come from it).
 pub fn read_self() -> std::io::Result<Vec<MountInfo>> {
-    Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    struct Cached {
+        ns: (u64, u64),
+        file: std::fs::File,
+        mounts: Vec<MountInfo>,
+    }
+    static CACHE: std::sync::Mutex<Option<Cached>> = std::sync::Mutex::new(None);
+    // Also re-arms the file's event (opening arms it too): the next poll reports only
+    // changes after this one.
+    let changed = |file: &std::fs::File| {
+        let mut pfd = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLPRI,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n != 0
+    };
+    let ns = std::fs::metadata("/proc/self/ns/mnt").map(|m| (m.dev(), m.ino()));
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let (Ok(ns), Some(c)) = (&ns, cache.as_ref()) {
+        if c.ns == *ns && !changed(&c.file) {
+            return Ok(c.mounts.clone());
+        }
+    }
+    let mut file = std::fs::File::open("/proc/self/mountinfo")?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    let mounts = parse(&text);
+    // A change after the open shows on the next poll, even one the read already saw.
+    *cache = ns.ok().map(|ns| Cached {
+        ns,
+        file,
+        mounts: mounts.clone(),
+    });
+    Ok(mounts)
 }
 
 /// Mounts at `dir` or below it, deepest (last mounted) first: the order to unmount them.
