@@ -4,11 +4,76 @@
 use crate::types::{Image, Instance, InstanceConfig, Operation};
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub struct Db {
     conn: Mutex<Connection>,
+    /// Shared with the other daemons of this host (see [`IdRanges`]); `None`: this
+    /// database's own ranges only.
+    id_ranges: Option<IdRanges>,
+}
+
+/// Where the daemons of a host record the id ranges they gave out.
+pub const ID_RANGES_DIR: &str = "/var/lib/ltv-idranges";
+
+/// The id ranges that every daemon of this host gave out, so that two daemons (two
+/// state dirs) never give their containers the same host ids: one file per range,
+/// `<dir>/<base>`, made with O_EXCL and naming the database that owns it. A file whose
+/// database is gone (a deleted state dir) is stale and taken over. Ranges stay taken
+/// while a stopped daemon's state dir exists, since its containers' files carry them.
+struct IdRanges {
+    dir: PathBuf,
+    /// Our database's path, as written into our files.
+    owner: String,
+}
+
+impl IdRanges {
+    /// Whether `base` is ours now: free, stale, or ours already. False only when another
+    /// daemon has it: a record that cannot be written is warned about and ignored, as
+    /// before there were records.
+    fn claim(&self, base: u32) -> bool {
+        let path = self.dir.join(base.to_string());
+        for _ in 0..2 {
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, self.owner.as_bytes()));
+            match made {
+                Ok(()) => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    tracing::warn!(
+                        "id range {base}: cannot record it in {}: {e}",
+                        self.dir.display()
+                    );
+                    return true;
+                }
+            }
+            let Ok(owner) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            if owner == self.owner {
+                // Ours, from a start that failed before its database commit.
+                return true;
+            }
+            if owner.is_empty() || Path::new(&owner).exists() {
+                // Another daemon's (or one being written right now).
+                return false;
+            }
+            // Its database is gone: take it over (once; a racing daemon may win).
+            let _ = std::fs::remove_file(&path);
+        }
+        false
+    }
+
+    fn release(&self, base: u32) {
+        let path = self.dir.join(base.to_string());
+        if std::fs::read_to_string(&path).is_ok_and(|o| o == self.owner) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 const SCHEMA: &str = "
@@ -145,6 +210,44 @@ impl Db {
             .context("create schema")?;
         Ok(Db {
             conn: Mutex::new(conn),
+            id_ranges: None,
+        })
+    }
+
+    /// Id ranges are also recorded in `dir`, shared with the host's other daemons (see
+    /// [`IdRanges`]). Our ranges that predate the record are recorded now.
+    pub fn share_id_ranges(&mut self, dir: &Path, db_path: &Path) -> Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+        let owner = std::fs::canonicalize(db_path)
+            .with_context(|| format!("resolve {}", db_path.display()))?;
+        let ranges = IdRanges {
+            dir: dir.to_path_buf(),
+            owner: owner.to_string_lossy().into_owned(),
+        };
+        for base in self.idmap_bases()? {
+            if !ranges.claim(base) {
+                tracing::warn!(
+                    "id range {base} of {} is also recorded by another daemon in {}",
+                    ranges.owner,
+                    dir.display()
+                );
+            }
+        }
+        self.id_ranges = Some(ranges);
+        Ok(())
+    }
+
+    fn idmap_bases(&self) -> Result<Vec<u32>> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT idmap_base FROM instances WHERE idmap_base IS NOT NULL")?;
+            let bases = stmt.query_map([], |r| r.get(0))?;
+            bases.collect()
         })
     }
 
@@ -171,8 +274,15 @@ impl Db {
             }
             let base = if idmap {
                 let mut stmt = tx.prepare("SELECT idmap_base FROM instances WHERE idmap_base IS NOT NULL")?;
-                let used: Vec<u32> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-                Some(free_idmap_base(&used))
+                let mut used: Vec<u32> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                // The lowest range that no other daemon of the host has either.
+                loop {
+                    let base = free_idmap_base(&used);
+                    match &self.id_ranges {
+                        Some(ranges) if !ranges.claim(base) => used.push(base),
+                        _ => break Some(base),
+                    }
+                }
             } else {
                 None
             };
@@ -265,10 +375,22 @@ impl Db {
     }
 
     pub fn delete_instance(&self, name: &str) -> Result<()> {
-        self.with(|c| {
-            c.execute("DELETE FROM instances WHERE name = ?1", [name])
-                .map(|_| ())
-        })
+        let base: Option<u32> = self.with(|c| {
+            let base = c
+                .query_row(
+                    "SELECT idmap_base FROM instances WHERE name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            c.execute("DELETE FROM instances WHERE name = ?1", [name])?;
+            Ok(base)
+        })?;
+        if let (Some(base), Some(ranges)) = (base, &self.id_ranges) {
+            ranges.release(base);
+        }
+        Ok(())
     }
 
     pub fn instances_using_image(&self, fingerprint: &str) -> Result<Vec<String>> {
@@ -442,6 +564,58 @@ mod tests {
             usage: None,
             children: vec![],
         }
+    }
+
+    #[test]
+    fn two_daemons_never_share_an_id_range() {
+        let ranges = tempfile::tempdir().unwrap();
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let open = |dir: &Path| {
+            let path = dir.join("ltv.db");
+            let mut db = Db::open(&path).unwrap();
+            db.share_id_ranges(ranges.path(), &path).unwrap();
+            db
+        };
+        let base = |db: &Db, name: &str| {
+            db.insert_instance(&sample(name), true, None)
+                .unwrap()
+                .unwrap()
+                .idmap_base
+                .unwrap()
+        };
+        let a = open(a_dir.path());
+        let b = open(b_dir.path());
+        assert_eq!(base(&a, "x"), IDMAP_FIRST);
+        assert_eq!(
+            base(&b, "x"),
+            IDMAP_FIRST + IDMAP_SIZE,
+            "a's range is taken"
+        );
+        assert_eq!(base(&a, "y"), IDMAP_FIRST + 2 * IDMAP_SIZE);
+        // Deleting gives the range back to every daemon.
+        a.delete_instance("x").unwrap();
+        assert_eq!(base(&b, "z"), IDMAP_FIRST);
+        // A daemon whose state dir is gone: its ranges are taken over.
+        drop(a);
+        let a_path = a_dir.path().to_path_buf();
+        drop(a_dir);
+        assert!(!a_path.exists());
+        let c_dir = tempfile::tempdir().unwrap();
+        let c = open(c_dir.path());
+        assert_eq!(
+            base(&c, "x"),
+            IDMAP_FIRST + 2 * IDMAP_SIZE,
+            "y's range was a's"
+        );
+        // Ranges given out before the record existed are recorded when it is shared.
+        let d_dir = tempfile::tempdir().unwrap();
+        let d_path = d_dir.path().join("ltv.db");
+        let d = Db::open(&d_path).unwrap();
+        assert_eq!(base(&d, "old"), IDMAP_FIRST);
+        drop(d);
+        let d = open(d_dir.path());
+        assert_eq!(base(&d, "new"), IDMAP_FIRST + 3 * IDMAP_SIZE);
+        assert_eq!(base(&b, "w"), IDMAP_FIRST + 4 * IDMAP_SIZE);
     }
 
     #[test]

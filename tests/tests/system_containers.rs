@@ -60,6 +60,14 @@ fn system_container_runs_init_unprivileged_and_stops_cleanly() {
     d.ok(&["launch", "busybox", "sys2"]);
     let base2 = d.instance("sys2")["idmap_base"].as_u64().unwrap() as u32;
     assert!(base2.abs_diff(base) >= 65536, "{base} vs {base2}");
+    // So does one of another daemon on this host (its own state dir).
+    let other = daemon_with_busybox();
+    other.ok(&["launch", "busybox", "sys3", "--network", "none"]);
+    let base3 = other.instance("sys3")["idmap_base"].as_u64().unwrap() as u32;
+    for b in [base, base2] {
+        assert!(base3.abs_diff(b) >= 65536, "{b} vs {base3} of another daemon");
+    }
+    other.ok(&["delete", "--force", "sys3"]);
 
     // Stop: busybox init gets its poweroff signal and goes by itself (no kill needed).
     d.ok(&["stop", "sys1", "--timeout", "20"]);

@@ -65,7 +65,12 @@ impl Daemon {
         check_traversable(&instances_dir)?;
         let images = Arc::new(ImageStore::open(&state.join("images"))?);
         tracing::debug!("images opened");
-        let db = Db::open(&state.join("ltv.db"))?;
+        let db_path = state.join("ltv.db");
+        let mut db = Db::open(&db_path)?;
+        let ranges = std::path::Path::new(crate::db::ID_RANGES_DIR);
+        if let Err(e) = db.share_id_ranges(ranges, &db_path) {
+            tracing::warn!("id ranges are not shared with other daemons of this host: {e:#}");
+        }
         tracing::debug!("database opened");
         db.fail_interrupted_operations()?;
         tracing::debug!("state opened");
