@@ -517,6 +517,18 @@ pub fn setup(root: &Path, spec: &crate::spec::ContainerSpec, cg: &CgroupMounts) 
     // A nesting container manages its own (delegated) cgroup: writable then.
     mount_cgroupfs(&sys.join("fs/cgroup"), cg, !spec.nesting)?;
     setup_dev(&root.join("dev"), tty)?;
+    if spec.run_tmpfs {
+        let run = root.join("run");
+        refuse_symlink(&run)?;
+        mkdir_p(&run)?;
+        mnt(
+            Some("tmpfs"),
+            &run,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=755"),
+        )?;
+    }
     for b in &spec.binds {
         let target = root.join(b.target.trim_start_matches('/'));
         refuse_symlink(&target)?;

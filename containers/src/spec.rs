@@ -25,6 +25,11 @@ pub struct ContainerSpec {
     /// container's own pid namespace.
     #[serde(default)]
     pub init_may_reboot: bool,
+    /// A fresh tmpfs at `/run` before the first process runs (a system container, as
+    /// systemd-nspawn does): boot scripts then find it mounted and leave it, so nothing
+    /// put there after start (a nested daemon's socket) is hidden by a later mount.
+    #[serde(default)]
+    pub run_tmpfs: bool,
     /// Host directories bind-mounted into the container.
     #[serde(default)]
     pub binds: Vec<Bind>,

@@ -143,6 +143,7 @@ impl Env {
             idmap: None,
             nesting: false,
             init_may_reboot: false,
+            run_tmpfs: false,
             binds: vec![],
         };
         self.specs.lock().unwrap().push(s.clone());
@@ -464,8 +465,9 @@ fn missing_command_cleans_up(env: &Env) {
 fn user_namespace(env: &Env) {
     let mut spec = env.spec(
         "userns",
-        &["sh", "-c", "id; cat /proc/self/uid_map; echo ok > /tmp/f && echo wrote; echo bb=$(stat -c %u:%g /bin/busybox); echo x > /etc/new && echo etcok; grep CapEff /proc/self/status; echo $$; sleep 2"],
+        &["sh", "-c", "id; cat /proc/self/uid_map; echo ok > /tmp/f && echo wrote; echo bb=$(stat -c %u:%g /bin/busybox); echo x > /etc/new && echo etcok; grep CapEff /proc/self/status; echo run=$(grep ' /run ' /proc/mounts | cut -d' ' -f3,4); touch /run/x && echo runok=$(stat -c %u /run); echo $$; sleep 2"],
     );
+    spec.run_tmpfs = true;
     spec.idmap = Some(IdMap {
         host_uid: 200000,
         host_gid: 200000,
@@ -499,6 +501,9 @@ fn user_namespace(env: &Env) {
     assert!(out.contains("wrote"), "{out}");
     // Idmapped image layers: host-root files are root's inside.
     assert!(out.contains("bb=0:0") && out.contains("etcok"), "{out}");
+    // A system container's /run: our tmpfs, its root's, writable.
+    assert!(out.contains("run=tmpfs rw,nosuid,nodev"), "{out}");
+    assert!(out.contains("runok=0"), "{out}");
     process::destroy(&spec).expect("destroy");
     assert_gone(&spec);
 }

@@ -247,6 +247,7 @@ impl ContainerBackend {
             idmap: None,
             nesting: false,
             init_may_reboot: false,
+            run_tmpfs: false,
             binds: vec![],
         }
     }
@@ -264,6 +265,7 @@ impl ContainerBackend {
         spec.idmap = self.idmap(instance);
         spec.network = self.network_of(instance)?;
         spec.init_may_reboot = instance.kind == Kind::System;
+        spec.run_tmpfs = instance.kind == Kind::System;
         if nests(instance) {
             let bundle = match self.bundle.get() {
                 Some(b) => b.clone(),

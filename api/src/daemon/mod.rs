@@ -59,9 +59,11 @@ impl Daemon {
     pub fn open(config: DaemonConfig) -> Result<Arc<Daemon>> {
         let state = &config.state_dir;
         std::fs::create_dir_all(state).with_context(|| format!("create {}", state.display()))?;
-        std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("chmod {}", state.display()))?;
         let instances_dir = state.join("instances");
-        std::fs::create_dir_all(&instances_dir)?;
+        std::fs::create_dir_all(&instances_dir)
+            .with_context(|| format!("create {}", instances_dir.display()))?;
         check_traversable(&instances_dir)?;
         let images = Arc::new(ImageStore::open(&state.join("images"))?);
         tracing::debug!("images opened");
@@ -192,7 +194,8 @@ pub async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
     }
     let listener =
         tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", path.display()))?;
     Ok(listener)
 }
 
