@@ -65,7 +65,10 @@ fn system_container_runs_init_unprivileged_and_stops_cleanly() {
     other.ok(&["launch", "busybox", "sys3", "--network", "none"]);
     let base3 = other.instance("sys3")["idmap_base"].as_u64().unwrap() as u32;
     for b in [base, base2] {
-        assert!(base3.abs_diff(b) >= 65536, "{b} vs {base3} of another daemon");
+        assert!(
+            base3.abs_diff(b) >= 65536,
+            "{b} vs {base3} of another daemon"
+        );
     }
     other.ok(&["delete", "--force", "sys3"]);
 
