@@ -256,6 +256,16 @@ fn bridge_networking_between_containers() {
         "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '",
     ]));
     assert_eq!(ifaces, "lo\n");
+    // ... and `lo` is up, as with Docker's `--network none`.
+    let local = d.ltv(&[
+        "exec",
+        "alone",
+        "--",
+        "sh",
+        "-c",
+        "httpd -p 127.0.0.1:8081 -h /etc && wget -q -O - http://127.0.0.1:8081/hostname",
+    ]);
+    assert_eq!(stdout(&local), "alone\n", "{}", stderr(&local));
 
     // Deleting frees the address and the veth, before `delete` returns.
     let links = || -> Vec<String> {

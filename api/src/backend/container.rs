@@ -320,8 +320,9 @@ impl ContainerBackend {
     }
 
     fn network_of(&self, instance: &Instance) -> Result<NetworkMode, ApiError> {
+        // Docker's and LXD's `none`: no interface but `lo`, which is up.
         if instance.config.network.as_deref() == Some("none") {
-            return Ok(NetworkMode::None);
+            return Ok(NetworkMode::Loopback);
         }
         let (Some(address), Some(bridge)) = (&instance.address, &self.bridge) else {
             return Ok(NetworkMode::Loopback);
