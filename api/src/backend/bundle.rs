@@ -4,6 +4,8 @@
 //! costs no dynamic loading: under kvm-pvm, where every page fault is emulated guest
 //! kernel work, that is seconds per start of the guest agent.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -48,6 +50,9 @@ pub fn ensure(cache: &Path) -> io::Result<PathBuf> {
         let _ = std::fs::remove_dir_all(&built);
     }
     if dir.join("ltv").exists() {
+        // Our binary changed since the last bundle: the older ones are garbage, but for
+        // those a running container still has mounted.
+        prune(cache, &dir, &mounted_roots());
         Ok(dir)
     } else {
         Err(io::Error::other(format!(
@@ -78,6 +83,47 @@ fn build(dir: &Path) -> io::Result<()> {
     mode(dir)
 }
 
+/// Removes every bundle under `cache` but `keep` and those whose directory name is in
+/// `in_use`. A nesting container bind-mounts its bundle at `/.ltv` for as long as it
+/// runs, and its nested daemon may exec `/.ltv/ltv` again.
+fn prune(cache: &Path, keep: &Path, in_use: &HashSet<OsString>) {
+    for entry in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        // Dot names are builds in progress (ours or a concurrent daemon's).
+        if entry.path() == keep || name.to_string_lossy().starts_with('.') || in_use.contains(&name)
+        {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => tracing::info!("removed the old bundle {}", entry.path().display()),
+            Err(e) => tracing::warn!("old bundle {}: {e}", entry.path().display()),
+        }
+    }
+}
+
+/// The last path component of the root of every mount in every mount namespace on
+/// the host: a bind mount's root names the directory it came from.
+fn mounted_roots() -> HashSet<OsString> {
+    let mut namespaces = HashSet::new();
+    let mut roots = HashSet::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let proc_dir = entry.path();
+        let Ok(ns) = std::fs::read_link(proc_dir.join("ns/mnt")) else {
+            continue;
+        };
+        if !namespaces.insert(ns) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(proc_dir.join("mountinfo")) else {
+            continue;
+        };
+        for m in ltv_containers::mountinfo::parse(&text) {
+            roots.extend(m.root.file_name().map(OsString::from));
+        }
+    }
+    roots
+}
+
 /// Every shared object mapped into this process: none for a static build.
 fn shared_libraries() -> io::Result<Vec<String>> {
     let maps = std::fs::read_to_string("/proc/self/maps")?;
@@ -100,6 +146,53 @@ fn shared_libraries() -> io::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Old bundles go, unless mounted somewhere; the current one and builds in
+    /// progress stay.
+    #[test]
+    fn prune_keeps_the_current_bundle_and_those_in_use() {
+        let cache = tempfile::tempdir().unwrap();
+        let unique = format!(
+            "{}-{:x}",
+            std::process::id(),
+            std::ptr::from_ref(&cache) as usize
+        );
+        let [old, mounted, current, building] =
+            ["old", "mounted", "current", ".build-x"].map(|n| {
+                let d = cache.path().join(format!("{n}-{unique}"));
+                std::fs::create_dir(&d).unwrap();
+                std::fs::write(d.join("ltv"), b"x").unwrap();
+                d
+            });
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = elsewhere.path();
+        // As root, the way a nesting container holds its bundle: a bind mount.
+        let root = nix::unistd::Uid::effective().is_root();
+        if root {
+            nix::mount::mount(
+                Some(&mounted),
+                target,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .unwrap();
+        }
+        let in_use = if root {
+            mounted_roots()
+        } else {
+            eprintln!("not root: the mount is simulated");
+            HashSet::from([mounted.file_name().unwrap().to_owned()])
+        };
+        prune(cache.path(), &current, &in_use);
+        if root {
+            nix::mount::umount(target).unwrap();
+        }
+        assert!(!old.exists());
+        assert!(mounted.join("ltv").exists());
+        assert!(current.join("ltv").exists());
+        assert!(building.join("ltv").exists());
+    }
 
     /// The bundled binary runs by itself: no loader, no libraries.
     #[test]
