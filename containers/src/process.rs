@@ -623,6 +623,9 @@ struct Reserve<T> {
     items: std::sync::Mutex<Vec<T>>,
     /// One refill at a time; a refill asked for meanwhile is covered by its loop.
     refilling: std::sync::atomic::AtomicBool,
+    /// Drained for good (the daemon is going): a refill stops, and what it was making
+    /// meanwhile is discarded rather than left behind.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl<T: Reserved> Reserve<T> {
@@ -631,6 +634,7 @@ impl<T: Reserved> Reserve<T> {
             size,
             items: std::sync::Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -650,7 +654,18 @@ impl<T: Reserved> Reserve<T> {
         None
     }
 
+    /// Discards every spare and refuses new ones; returns once a refill in progress
+    /// has ended (its spare discarded), so nothing is made after this.
     fn drain(&self) {
+        use std::sync::atomic::Ordering;
+        self.closed.store(true, Ordering::Release);
+        // Bounded: a spawn that hangs must not hold up the daemon's exit for ever.
+        for _ in 0..1000 {
+            if !self.refilling.load(Ordering::Acquire) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         for mut item in std::mem::take(&mut *self.items()) {
             item.discard();
         }
@@ -662,9 +677,18 @@ impl<T: Reserved> Reserve<T> {
         if self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
-        while self.items().len() < self.size {
+        while !self.closed.load(Ordering::Acquire) && self.items().len() < self.size {
             match spawn() {
-                Ok(item) => self.items().push(item),
+                Ok(mut item) => {
+                    // Checked under the lock that `drain` takes after closing.
+                    let mut items = self.items();
+                    if self.closed.load(Ordering::Acquire) {
+                        drop(items);
+                        item.discard();
+                        break;
+                    }
+                    items.push(item);
+                }
                 Err(e) => {
                     tracing::warn!("{what}: cannot spawn a spare helper: {e}");
                     break;

@@ -670,6 +670,17 @@ fn pool_spare_run(env: &Env, userns: bool) {
     assert!(spares() > 0);
     pool.drain();
     assert_eq!(spares(), 0, "drain removes spares");
+    pool.refill();
+    assert_eq!(spares(), 0, "a drained pool stays empty");
+    // The daemon's exit drains while a refill may be running: nothing is left after.
+    let pool = process::Pool::new(&env.cg_parent, 3, userns, false).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| pool.refill());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        pool.drain();
+        assert_eq!(spares(), 0, "nothing made after drain returned");
+    });
+    assert_eq!(spares(), 0, "nothing made after drain returned");
 }
 
 fn tty(env: &Env) {
