@@ -517,9 +517,10 @@ pub fn setup(root: &Path, spec: &crate::spec::ContainerSpec, cg: &CgroupMounts) 
     // A nesting container manages its own (delegated) cgroup: writable then.
     mount_cgroupfs(&sys.join("fs/cgroup"), cg, !spec.nesting)?;
     setup_dev(&root.join("dev"), tty)?;
-    if spec.run_tmpfs {
-        let run = root.join("run");
-        refuse_symlink(&run)?;
+    let run = root.join("run");
+    // An image whose /run is a symlink keeps it (mounting would follow it to the host).
+    let run_is_link = std::fs::symlink_metadata(&run).is_ok_and(|m| m.file_type().is_symlink());
+    if spec.run_tmpfs && !run_is_link {
         mkdir_p(&run)?;
         mnt(
             Some("tmpfs"),

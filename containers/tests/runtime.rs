@@ -31,6 +31,7 @@ fn main() {
         ),
         ("missing_command_cleans_up", missing_command_cleans_up),
         ("user_namespace", user_namespace),
+        ("run_symlink_is_kept", run_symlink_is_kept),
         (
             "user_namespace_on_attached_layers",
             user_namespace_on_attached_layers,
@@ -460,6 +461,28 @@ fn missing_command_cleans_up(env: &Env) {
         process::start(&spec, io, None),
         Err(Error::InvalidSpec(_))
     ));
+}
+
+/// An image whose `/run` is a symlink starts with it as it is: no tmpfs is mounted
+/// through it.
+fn run_symlink_is_kept(env: &Env) {
+    let mut spec = env.spec(
+        "runlink",
+        &[
+            "sh",
+            "-c",
+            "readlink /run; grep -c ' /tmp tmpfs' /proc/mounts",
+        ],
+    );
+    spec.run_tmpfs = true;
+    std::fs::create_dir_all(&spec.rootfs.upperdir).unwrap();
+    std::os::unix::fs::symlink("tmp", spec.rootfs.upperdir.join("run")).unwrap();
+    let (io, r) = stdio();
+    let s = process::start(&spec, io, None).expect("start with /run a symlink");
+    assert_eq!(wait(s.pid), 1, "grep found no tmpfs on /tmp");
+    assert_eq!(read_all(r), "tmp\n0\n");
+    process::destroy(&spec).expect("destroy");
+    assert_gone(&spec);
 }
 
 fn user_namespace(env: &Env) {
