@@ -519,8 +519,7 @@ pub fn setup(root: &Path, spec: &crate::spec::ContainerSpec, cg: &CgroupMounts) 
     setup_dev(&root.join("dev"), tty)?;
     let run = root.join("run");
     // An image whose /run is a symlink keeps it (mounting would follow it to the host).
-    let run_is_link = std::fs::symlink_metadata(&run).is_ok_and(|m| m.file_type().is_symlink());
-    if spec.run_tmpfs && !run_is_link {
+    if spec.run_tmpfs && !run.is_symlink() {
         mkdir_p(&run)?;
         mnt(
             Some("tmpfs"),
