@@ -161,6 +161,11 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
+    /// The vCPU's TSC rate, if KVM can tell (KVM_CAP_GET_TSC_KHZ).
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok().filter(|&k| k > 0)
+    }
+
     /// Sets CPUID, MSRs, FPU, LAPIC LINT pins and the entry state for the chosen protocol.
     pub fn configure(
         &self,
