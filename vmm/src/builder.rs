@@ -21,7 +21,7 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
-use crate::flavour::{max_vcpus_for, pvm_compat_cmdline, Flavour};
+use crate::flavour::{max_vcpus_for, pvm_compat_cmdline, Flavour, PVM_GUEST_PATCH_SWITCH};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -138,9 +138,20 @@ fn attach_virtio(
 /// the i8042 (our clean stop path), reboot on panic, no PCI probing.
 const DEFAULT_ARGS: &[&str] = &["console=ttyS0", "reboot=k", "panic=1", "pci=off"];
 
-/// The final command line: the user's, defaults for missing keys, and the PVM compat switches.
-pub fn assemble_cmdline(user: &str, flavour: Flavour) -> String {
+/// The final command line: the user's, the devices', defaults for missing keys, and the PVM
+/// compat switches. On PVM the guest-patch switch comes first: it is an early parameter, and from there on the
+/// guest parses the rest of the line faster (patch 0007). Arguments after `--` stay last: the
+/// kernel passes them to init.
+pub fn assemble_cmdline(user: &str, devices: &[String], flavour: Flavour) -> String {
     let mut out: Vec<String> = user.split_whitespace().map(str::to_string).collect();
+    let for_init = match out.iter().position(|a| a == "--") {
+        Some(i) => out.split_off(i),
+        None => Vec::new(),
+    };
+    out.extend_from_slice(devices);
+    if flavour == Flavour::Pvm {
+        out.insert(0, PVM_GUEST_PATCH_SWITCH.to_string());
+    }
     for arg in DEFAULT_ARGS {
         let key = arg.split('=').next().unwrap_or(arg);
         let present = out.iter().any(|a| a.split('=').next() == Some(key));
@@ -151,6 +162,7 @@ pub fn assemble_cmdline(user: &str, flavour: Flavour) -> String {
     if flavour == Flavour::Pvm {
         out.push(pvm_compat_cmdline());
     }
+    out.extend(for_init);
     out.join(" ")
 }
 
@@ -203,8 +215,7 @@ pub fn build_microvm(cfg: &ValidatedConfig, flavour: Flavour) -> Result<MicroVm,
     for (index, (name, device)) in virtio_devices(c)?.into_iter().enumerate() {
         device_args.push(attach_virtio(&vm, &mem, &mut mmio, index, &name, device)?);
     }
-    let user_cmdline = format!("{} {}", c.cmdline, device_args.join(" "));
-    let cmdline = assemble_cmdline(&user_cmdline, flavour);
+    let cmdline = assemble_cmdline(&c.cmdline, &device_args, flavour);
     let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
     mptable::setup_mptable(&mem, c.vcpus)?;
     boot::write_boot_params(&mem, mem_size, &kernel, cmdline_len, initrd)?;
@@ -237,7 +248,7 @@ pub fn build_microvm(cfg: &ValidatedConfig, flavour: Flavour) -> Result<MicroVm,
     let mut vcpus = Vec::with_capacity(c.vcpus as usize);
     for id in 0..c.vcpus {
         let vcpu = Vcpu::new(&vm, id)?;
-        let cpuid = cpuid::vcpu_cpuid(vm.supported_cpuid(), id, c.vcpus, pvm);
+        let cpuid = cpuid::vcpu_cpuid(vm.supported_cpuid(), id, c.vcpus, pvm, vcpu.tsc_khz());
         vcpu.configure(&mem, &cpuid, kernel.entry, kernel.pvh)?;
         vcpus.push(vcpu);
     }
@@ -272,11 +283,25 @@ mod tests {
 
     #[test]
     fn cmdline_defaults_and_pvm() {
-        let c = assemble_cmdline("console=hvc0 quiet", Flavour::Hardware);
+        let c = assemble_cmdline("console=hvc0 quiet", &[], Flavour::Hardware);
         assert_eq!(c, "console=hvc0 quiet reboot=k panic=1 pci=off");
-        let c = assemble_cmdline("reboot=t", Flavour::Pvm);
-        assert!(c.starts_with("reboot=t console=ttyS0 panic=1 pci=off noxsave"));
+        let c = assemble_cmdline("reboot=t", &[], Flavour::Pvm);
+        assert!(c.starts_with("ltv_pvm_compat reboot=t console=ttyS0 panic=1 pci=off noxsave"));
         assert!(c.ends_with(&pvm_compat_cmdline()));
-        assert!(!assemble_cmdline("", Flavour::Hardware).contains("noxsave"));
+        assert!(!assemble_cmdline("", &[], Flavour::Hardware).contains("noxsave"));
+        assert!(!assemble_cmdline("", &[], Flavour::Hardware).contains("ltv_pvm_compat"));
+        // Arguments for init stay behind `--`, after everything the kernel must see.
+        let dev = ["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        let c = assemble_cmdline("quiet -- single x=1", &dev, Flavour::Pvm);
+        assert!(
+            c.starts_with("ltv_pvm_compat quiet virtio_mmio.device=4K@0xd0000000:5 console=ttyS0"),
+            "{c}"
+        );
+        assert!(
+            c.ends_with(
+                " nopv noreplace-smp rodata=off percpu_alloc=page no_timer_check -- single x=1"
+            ),
+            "{c}"
+        );
     }
 }

@@ -54,9 +54,9 @@ pub const PVM_FAST_BOOT_CMDLINE: &str = "noreplace-smp rodata=off percpu_alloc=p
 /// self-test and fwait, run syscalls from the LSTAR page fault); named in guest-kernel/README.md.
 pub const PVM_GUEST_PATCH_SWITCH: &str = "ltv_pvm_compat";
 
-/// Everything the builder appends to the command line on a PVM host.
+/// What the builder appends to the command line on a PVM host (the patch switch goes first).
 pub fn pvm_compat_cmdline() -> String {
-    format!("{PVM_COMPAT_CMDLINE} {PVM_FAST_BOOT_CMDLINE} {PVM_GUEST_PATCH_SWITCH}")
+    format!("{PVM_COMPAT_CMDLINE} {PVM_FAST_BOOT_CMDLINE}")
 }
 
 /// vCPU limit for a flavour, with the reason when it is lower than the config allows.

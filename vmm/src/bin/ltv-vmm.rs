@@ -9,7 +9,7 @@ fn main() {
         [_, flag, path] if flag == "--config" => path.clone(),
         [_, flag, user] if flag == "--print-cmdline" => {
             let flavour = ltv_vmm::kvm_flavour();
-            println!("{}", ltv_vmm::builder::assemble_cmdline(user, flavour));
+            println!("{}", ltv_vmm::builder::assemble_cmdline(user, &[], flavour));
             return;
         }
         _ => {
