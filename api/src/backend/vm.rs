@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Firecracker's default too. On kvm-pvm the guest kernel's memory setup is emulated and
-/// grows with the size: `LTV-READY` 17.4 / 17.4 s at 128 MiB, 19.3 / 22.2 s at 256 MiB.
+/// grows with the size: `LTV-READY` 17.4 / 17.4 s at 128 MiB, 19.3 / 22.2 s at 256 MiB (same
+/// runs, 2026-11-28; 8.5 s at 128 MiB since 2026-11-29).
 const DEFAULT_MEMORY: u64 = 128 << 20;
 /// The guest memory an instance asks for, or the default.
 fn guest_memory_bytes(config: &InstanceConfig) -> Result<u64, String> {
