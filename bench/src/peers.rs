@@ -259,9 +259,10 @@ impl Lxc {
     }
 }
 
-/// QEMU microvm with our kernel and initramfs (as guest-kernel/boot-qemu.py boots it):
-/// start until the guest's /init prints `LTV-READY` on the console; ms. QEMU is then
-/// killed (a guest reboot does not reliably end QEMU on kvm-pvm hosts).
+/// QEMU microvm with our kernel and initramfs (as guest-kernel/boot-qemu.py boots it) and the
+/// kernel command line ltv-vmm would give the same guest on this host: start until the
+/// guest's /init prints `LTV-READY` on the console; ms. QEMU is then killed (a guest reboot
+/// does not reliably end QEMU on kvm-pvm hosts).
 pub fn qemu_boot(h: &mut Harness, kernel: &Path, initrd: Option<&Path>) -> Result<f64, String> {
     use std::io::Read;
     let mut c = h.peer_cmd("qemu-system-x86_64");
@@ -270,10 +271,12 @@ pub fn qemu_boot(h: &mut Harness, kernel: &Path, initrd: Option<&Path>) -> Resul
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio", "-kernel"])
         .arg(kernel)
-        .args([
-            "-append",
-            "console=ttyS0 reboot=t quiet noxsave clearcpuid=popcnt,cx16,smap,smep,pku,umip nopku nopv ltv_pvm_compat",
-        ])
+        .arg("-append")
+        .arg(ltv_vmm::builder::assemble_cmdline(
+            "console=ttyS0 quiet",
+            &[],
+            ltv_vmm::kvm_flavour(),
+        ))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
     if let Some(i) = initrd {
