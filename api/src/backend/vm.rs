@@ -258,13 +258,19 @@ impl VmBackend {
                 }
             };
             if hello || Instant::now() >= next_probe {
+                // Until the guest's vsock driver is up the handshake gets no answer at all, so
+                // a blind probe gives up soon. After the agent's hello it serves: its first
+                // answer runs code the guest has not paged in yet (over 2 s on kvm-pvm), and
+                // giving up on it only cost a second request and a wait for the next probe.
+                let patience = if hello {
+                    deadline.saturating_duration_since(Instant::now())
+                } else {
+                    Duration::from_secs(2)
+                };
+                let probe =
+                    tokio::time::timeout(patience, agent.get::<crate::types::ServerInfo>("/1.0"))
+                        .await;
                 next_probe = Instant::now() + PROBE_EVERY;
-                // Until the guest's vsock driver is up the handshake gets no answer at all.
-                let probe = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    agent.get::<crate::types::ServerInfo>("/1.0"),
-                )
-                .await;
                 if let Ok(Ok(info)) = probe {
                     tracing::info!(instance = %instance.name, pid, kernel = %info.kernel,
                         secs = t.elapsed().as_secs_f64(), "microVM ready: its agent answers");
