@@ -14,6 +14,7 @@ use crate::config::ValidatedConfig;
 use crate::config::VmConfig;
 use crate::control::ControlSocket;
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::cmos::{Cmos, CMOS_BASE, CMOS_LEN};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{spawn_stdin_reader, Console, SerialDevice};
 use crate::devices::virtio::blk::Block;
@@ -243,6 +244,7 @@ pub fn build_microvm(cfg: &ValidatedConfig, flavour: Flavour) -> Result<MicroVm,
         I8042_BASE,
         I8042_LEN,
     )?;
+    pio.insert(Arc::new(Mutex::new(Cmos::default())), CMOS_BASE, CMOS_LEN)?;
 
     let pvm = flavour == Flavour::Pvm;
     let mut vcpus = Vec::with_capacity(c.vcpus as usize);

@@ -1,4 +1,5 @@
-//! Legacy PC devices: the COM1 UART and the i8042 reset line.
+//! Legacy PC devices: the COM1 UART, the i8042 reset line and the CMOS clock.
 
+pub mod cmos;
 pub mod i8042;
 pub mod serial;
