@@ -193,7 +193,11 @@ impl Subject {
                     .ltv_ok(&launch_args(spec.leaf(), &name, IMAGE, &[]))
                     .and_then(|_| h.ltv_ok(&["exec", &name, "--", "/bin/true"]))
                     .map(|_| t.elapsed().as_secs_f64() * 1e3);
+                let booted = r.is_ok();
                 out.push(("launch+exec", r));
+                if booted && spec.leaf() == "vm" && !spec.nested() {
+                    out.push(("VMM start to LTV-READY", vmm_ready_ms(h, &name)));
+                }
                 let mut c = h.ltv_cmd(&["delete", "--force", &name]);
                 settle(args);
                 out.push(("delete", timed(&mut c).map(|r| r.0)));
@@ -221,6 +225,26 @@ impl Subject {
         }
         out
     }
+}
+
+/// When the guest's /init printed its readiness marker, from the VMM's control socket (the
+/// daemon starts the VMM a few tens of ms after the launch request).
+fn vmm_ready_ms(h: &Harness, name: &str) -> Result<f64, String> {
+    use std::io::{BufRead, Write};
+    let path = h.state_dir.join("instances").join(name).join("vmm.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    s.write_all(b"{\"action\":\"status\"}\n")
+        .map_err(|e| format!("vmm status: {e}"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("vmm status: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| format!("vmm status {line:?}: {e}"))?;
+    v["ready_ms"]
+        .as_f64()
+        .ok_or_else(|| format!("vmm status has no ready_ms: {line}"))
 }
 
 /// Each measured container operation starts on a quiet host, so that what the one
