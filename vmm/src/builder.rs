@@ -140,9 +140,9 @@ fn attach_virtio(
 const DEFAULT_ARGS: &[&str] = &["console=ttyS0", "reboot=k", "panic=1", "pci=off"];
 
 /// The final command line: the user's, the devices', defaults for missing keys, and the PVM
-/// compat switches. On PVM the guest-patch switch comes first: it is an early parameter, and from there on the
-/// guest parses the rest of the line faster (patch 0007). Arguments after `--` stay last: the
-/// kernel passes them to init.
+/// compat switches. On PVM the guest-patch switch comes first: it is an early parameter, and
+/// from there on the guest parses the rest of the line faster (patch 0007). Arguments after
+/// `--` stay last: the kernel passes them to init.
 pub fn assemble_cmdline(user: &str, devices: &[String], flavour: Flavour) -> String {
     let mut out: Vec<String> = user.split_whitespace().map(str::to_string).collect();
     let for_init = match out.iter().position(|a| a == "--") {
