@@ -230,16 +230,14 @@ impl Subject {
 /// When the guest's /init printed its readiness marker, from the VMM's control socket (the
 /// daemon starts the VMM a few tens of ms after the launch request).
 fn vmm_ready_ms(h: &Harness, name: &str) -> Result<f64, String> {
-    use std::io::{BufRead, Write};
+    use ltv_vmm::control::{ask, ControlRequest};
     let path = h.state_dir.join("instances").join(name).join("vmm.sock");
-    let mut s = std::os::unix::net::UnixStream::connect(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    s.write_all(b"{\"action\":\"status\"}\n")
-        .map_err(|e| format!("vmm status: {e}"))?;
-    let mut line = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| format!("vmm status: {e}"))?;
+    let line = ask(
+        &path,
+        ControlRequest::Status,
+        std::time::Duration::from_secs(5),
+    )
+    .map_err(|e| format!("vmm status {}: {e}", path.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&line).map_err(|e| format!("vmm status {line:?}: {e}"))?;
     v["ready_ms"]

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::VmmEvent;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "action", rename_all = "lowercase")]
 pub enum ControlRequest {
     Status,
@@ -24,6 +24,18 @@ pub enum ControlRequest {
 pub fn parse_request(line: &str) -> Result<ControlRequest, String> {
     serde_json::from_str(line)
         .map_err(|e| format!("bad request (want {{\"action\":\"status|pause|resume|stop\"}}): {e}"))
+}
+
+/// Sends one request to the control socket at `path`; returns the answer line.
+pub fn ask(path: &Path, request: ControlRequest, timeout: Duration) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(&request)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    line.clear();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line)
 }
 
 fn error_reply(msg: &str) -> String {
@@ -118,6 +130,8 @@ mod tests {
                 let _ = reply.send(format!("{{\"got\":\"{req:?}\"}}"));
             }
         });
+        let answer = ask(&path, ControlRequest::Stop, Duration::from_secs(5)).unwrap();
+        assert_eq!(answer.trim(), r#"{"got":"Stop"}"#);
         let mut s = UnixStream::connect(&path).unwrap();
         writeln!(s, r#"{{"action":"status"}}"#).unwrap();
         writeln!(s, "garbage").unwrap();

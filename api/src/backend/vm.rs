@@ -13,7 +13,6 @@ use async_trait::async_trait;
 use ltv_containers::network::{self, BridgeConfig};
 use ltv_containers::process::Stdio;
 use ltv_vmm::{Flavour, VmConfig};
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -453,13 +452,12 @@ impl Backend for VmBackend {
                     "the guest agent did not take the power-off; stopping the VMM"),
             }
             let sock = self.dir(&instance.name).join("vmm.sock");
-            let asked = blocking(move || -> std::io::Result<String> {
-                let mut s = std::os::unix::net::UnixStream::connect(sock)?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                s.write_all(b"{\"action\":\"stop\"}\n")?;
-                let mut line = String::new();
-                BufReader::new(s).read_line(&mut line)?;
-                Ok(line)
+            let asked = blocking(move || {
+                ltv_vmm::control::ask(
+                    &sock,
+                    ltv_vmm::control::ControlRequest::Stop,
+                    Duration::from_secs(5),
+                )
             })
             .await?;
             match asked {
