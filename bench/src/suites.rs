@@ -353,7 +353,10 @@ pub fn start(
             .filter(|s| s.metric == m && !s.samples.is_empty())
             .map(|s| (format!("{} ({})", s.subject, s.class), s.samples.clone()))
             .collect();
-        let file = format!("start-{}.svg", m.replace('+', "-"));
+        let file = format!(
+            "start-{}.svg",
+            m.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        );
         let title = match m.as_str() {
             "run" => "run to exit of /bin/true (ltv run --rm vs crun/runc run)",
             "launch+exec" => "launch until exec -- /bin/true returns",
