@@ -191,53 +191,6 @@ impl PreparedExec {
     }
 }
 
-/// A user namespace with `map`, held by a descriptor (for idmapped mounts). A throwaway
-/// child creates it; the child only blocks on a pipe, which is safe after a raw clone.
-pub fn userns_with_map(map: &IdMap) -> Result<OwnedFd> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| Error::from_raw_os_error(e as i32))?;
-    let (rfd, wfd) = (r.as_raw_fd(), w.as_raw_fd());
-    // SAFETY: fork-like raw clone; the child only calls close/read/_exit.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
-    if pid < 0 {
-        return Err(Error::last_os_error());
-    }
-    if pid == 0 {
-        // SAFETY: async-signal-safe calls only; EOF arrives when the parent closes `w`.
-        unsafe {
-            libc::close(wfd);
-            let mut b = 0u8;
-            libc::read(rfd, &mut b as *mut u8 as *mut libc::c_void, 1);
-            libc::_exit(0);
-        }
-    }
-    let pid = pid as i32;
-    let r2 = write_id_maps(pid, map).and_then(|_| {
-        std::fs::File::open(format!("/proc/{pid}/ns/user"))
-            .map(OwnedFd::from)
-            .map_err(|e| Error::new(e.kind(), format!("open user namespace: {e}")))
-    });
-    drop(w);
-    drop(r);
-    // SAFETY: reaping our own child.
-    unsafe {
-        if r2.is_err() {
-            libc::kill(pid, libc::SIGKILL);
-        }
-        libc::waitpid(pid, std::ptr::null_mut(), 0);
-    }
-    r2
-}
-
 /// `struct clone_args` of clone3(2), up to the `cgroup` field.
 #[repr(C)]
 #[derive(Default)]

@@ -5,7 +5,7 @@ use crate::mountinfo;
 use crate::spec::{IdMap, RootfsSpec};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::io::{Error, ErrorKind, Result};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 fn err(stage: String, e: impl Into<Error>) -> Error {
@@ -58,21 +58,6 @@ pub fn validate(spec: &RootfsSpec) -> std::result::Result<(), String> {
         return Err("rootfs mountpoint must not be /".into());
     }
     Ok(())
-}
-
-/// The overlay's mount data.
-pub fn overlay_options(spec: &RootfsSpec) -> String {
-    let lower: Vec<&str> = spec
-        .lowerdirs
-        .iter()
-        .map(|p| p.to_str().unwrap_or_default())
-        .collect();
-    format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.join(":"),
-        spec.upperdir.display(),
-        spec.workdir.display()
-    )
 }
 
 /// Builds the overlay as a detached mount (the new mount API) that the container's
@@ -262,72 +247,6 @@ const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
-
-/// Mounts the overlay at the mountpoint (creating upper, work and mountpoint dirs).
-/// With a user namespace, the upper dir's root is given to the container's root so that
-/// `/` is writable inside.
-pub fn mount_overlay(spec: &RootfsSpec, idmap: Option<&IdMap>) -> Result<()> {
-    for d in [&spec.upperdir, &spec.workdir, &spec.mountpoint] {
-        std::fs::create_dir_all(d).map_err(|e| err(format!("create {}", d.display()), e))?;
-    }
-    let Some(m) = idmap else {
-        return mount_overlay_with(spec, &overlay_options(spec));
-    };
-    std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
-        .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
-    // Image files owned by host root must look owned by the container's root: idmapped
-    // lower layers (Linux >= 5.19 and a filesystem that supports them).
-    match idmapped_lowers(spec, m) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            tracing::warn!("idmapped image layers unavailable ({e}); files keep their host owners");
-            mount_overlay_with(spec, &overlay_options(spec))
-        }
-    }
-}
-
-fn idmapped_lowers(spec: &RootfsSpec, m: &IdMap) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let userns = crate::namespaces::userns_with_map(m)
-        .map_err(|e| err("user namespace for idmapped mounts".into(), e))?;
-    let fds = spec
-        .lowerdirs
-        .iter()
-        .map(|l| idmapped_clone(l, userns.as_fd()))
-        .collect::<Result<Vec<_>>>()?;
-    let lower: Vec<String> = fds
-        .iter()
-        .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .collect();
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.join(":"),
-        spec.upperdir.display(),
-        spec.workdir.display()
-    );
-    // The overlay keeps its own references to the layers; our fds can go.
-    mount_overlay_with(spec, &data)
-}
-
-fn mount_overlay_with(spec: &RootfsSpec, data: &str) -> Result<()> {
-    if data.len() >= 4096 {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "overlay options are {} bytes; the kernel takes < 4096",
-                data.len()
-            ),
-        ));
-    }
-    mount(
-        Some("overlay"),
-        &spec.mountpoint,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(data),
-    )
-    .map_err(|e| nix_err(format!("mount overlay at {}", spec.mountpoint.display()), e))
-}
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
@@ -837,14 +756,6 @@ mod tests {
             workdir: "/c/work".into(),
             mountpoint: "/c/root".into(),
         }
-    }
-
-    #[test]
-    fn overlay_option_string() {
-        assert_eq!(
-            overlay_options(&spec()),
-            "lowerdir=/img/b:/img/a,upperdir=/c/up,workdir=/c/work"
-        );
     }
 
     #[test]
