@@ -65,6 +65,11 @@ pub struct RootfsSpec {
     pub workdir: PathBuf,
     /// Where the merged rootfs is mounted on the host before `pivot_root`.
     pub mountpoint: PathBuf,
+    /// The upper dir is thrown away with the container (`run --rm`): mounted `volatile`,
+    /// so that the overlay's end does not sync the whole upper filesystem (a journal
+    /// commit and a disk flush on every container exit).
+    #[serde(default)]
+    pub volatile: bool,
 }
 
 /// One process: the container's first process, or one started by `exec`.

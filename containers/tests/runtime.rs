@@ -32,6 +32,7 @@ fn main() {
         ("missing_command_cleans_up", missing_command_cleans_up),
         ("user_namespace", user_namespace),
         ("run_symlink_is_kept", run_symlink_is_kept),
+        ("volatile_upper", volatile_upper),
         (
             "user_namespace_on_attached_layers",
             user_namespace_on_attached_layers,
@@ -124,6 +125,7 @@ impl Env {
                 upperdir: c.join("upper"),
                 workdir: c.join("work"),
                 mountpoint: c.join("rootfs"),
+                volatile: false,
             },
             process: ProcessSpec {
                 args: args.iter().map(|s| s.to_string()).collect(),
@@ -483,6 +485,34 @@ fn run_symlink_is_kept(env: &Env) {
     assert_eq!(read_all(r), "tmp\n0\n");
     process::destroy(&spec).expect("destroy");
     assert_gone(&spec);
+}
+
+/// A throwaway container's overlay is volatile (no sync of the upper filesystem when it
+/// ends); a kept one's is not. Writes land in the upper dir either way.
+fn volatile_upper(env: &Env) {
+    for volatile in [true, false] {
+        let name = if volatile { "throwaway" } else { "kept" };
+        let mut spec = env.spec(
+            name,
+            &[
+                "sh",
+                "-c",
+                "echo data > /written; grep -cE ' / / .*(,volatile|fsync=volatile)' /proc/self/mountinfo",
+            ],
+        );
+        spec.rootfs.volatile = volatile;
+        let (io, r) = stdio();
+        let s = process::start(&spec, io, None).expect("start");
+        let code = wait(s.pid);
+        assert_eq!(read_all(r).trim(), if volatile { "1" } else { "0" });
+        assert_eq!(code, if volatile { 0 } else { 1 });
+        assert_eq!(
+            std::fs::read_to_string(spec.rootfs.upperdir.join("written")).unwrap(),
+            "data\n"
+        );
+        process::destroy(&spec).expect("destroy");
+        assert_gone(&spec);
+    }
 }
 
 fn user_namespace(env: &Env) {

@@ -231,6 +231,7 @@ impl ContainerBackend {
                 upperdir: dir.join("upper"),
                 workdir: dir.join("work"),
                 mountpoint: dir.join("rootfs"),
+                volatile: false,
             },
             process: ProcessSpec {
                 args: vec![],
@@ -260,6 +261,7 @@ impl ContainerBackend {
     ) -> Result<ContainerSpec, ApiError> {
         let mut spec = self.skeleton(&instance.name);
         spec.rootfs.lowerdirs = vec![self.rootfs_of(image)];
+        spec.rootfs.volatile = instance.auto_remove;
         spec.process = process;
         spec.limits = limits_of(instance)?;
         spec.idmap = self.idmap(instance);
