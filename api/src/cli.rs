@@ -37,7 +37,7 @@ pub enum Command {
         #[arg(long, env = "LTV_CGROUP_ROOT", default_value = "ltv")]
         cgroup_root: String,
         /// Container helpers kept pre-spawned to cut start and exec latency, of each kind
-        /// (cgroup v1; 0 turns them off).
+        /// (cgroup v1); 0 turns them off, and the fork server that clones helpers.
         #[arg(long, default_value_t = 2)]
         pool: usize,
         /// Guest kernel for microVMs (default: the newest guest-kernel/build.sh built).

@@ -10,6 +10,7 @@
 //! - [`image`] builds, imports and stores unpacked, read-only images.
 
 pub mod cgroups;
+pub mod forkserver;
 pub mod image;
 pub mod mountinfo;
 pub mod namespaces;

@@ -75,119 +75,143 @@ impl PreparedExec {
         })
     }
 
-    /// clone(2) with `flags` (plus SIGCHLD); the child sets up its fds, waits for the
-    /// sync byte if asked, and execs. Returns the child's pid.
-    pub fn spawn(&self, flags: libc::c_int) -> Result<libc::pid_t> {
-        // SAFETY: a fork-like raw clone (no new stack, no CLONE_VM). The child only calls
-        // async-signal-safe functions on memory prepared before the clone, then execs or exits.
-        let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                (flags | libc::SIGCHLD) as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            )
-        };
-        if pid < 0 {
-            return Err(Error::last_os_error());
-        }
-        if pid == 0 {
+    /// A fork-like clone with `flags` (plus SIGCHLD), into the cgroup v2 directory
+    /// `cgroup` where given and the kernel can (`in_cgroup` in the result says); the child
+    /// sets up its fds, waits for the sync byte if asked, and execs.
+    pub fn spawn(&self, flags: libc::c_int, cgroup: Option<&OwnedFd>) -> Result<Forked> {
+        // SAFETY: the child only runs `child`, which makes async-signal-safe calls on
+        // memory prepared before the clone, then execs or exits.
+        let forked = unsafe { fork(flags, cgroup)? };
+        if let Forked::Child = forked {
             // SAFETY: see above; never returns.
             unsafe { self.child(flags & libc::CLONE_NEWUSER != 0) }
         }
-        Ok(pid as libc::pid_t)
+        Ok(forked)
     }
 
-    /// Like [`spawn`](Self::spawn), but the child starts inside the cgroup v2 directory
-    /// `cgroup` (clone3 + CLONE_INTO_CGROUP), which avoids a costly migration later.
-    /// `Ok(None)` when the kernel lacks clone3 or the flag: use `spawn` and move it.
-    pub fn spawn_into_cgroup(
-        &self,
-        flags: libc::c_int,
-        cgroup: &OwnedFd,
-    ) -> Result<Option<libc::pid_t>> {
-        const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-        let args = CloneArgs {
-            flags: flags as u32 as u64 | CLONE_INTO_CGROUP,
-            exit_signal: libc::SIGCHLD as u64,
-            cgroup: cgroup.as_raw_fd() as u64,
-            ..Default::default()
-        };
-        // SAFETY: as in `spawn`; clone3 without a stack behaves like fork.
-        let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &args as *const CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
-        if pid < 0 {
-            let e = Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOSYS) | Some(libc::E2BIG) | Some(libc::EINVAL) => Ok(None),
-                _ => Err(e),
-            };
-        }
-        if pid == 0 {
-            // SAFETY: see `spawn`.
-            unsafe { self.child(flags & libc::CLONE_NEWUSER != 0) }
-        }
-        Ok(Some(pid as libc::pid_t))
-    }
-
-    /// `become_root`: switch to uid/gid 0 of the new user namespace (mapped by now), or
-    /// execve would drop every capability. Raw syscalls: glibc's setuid wrappers would try
-    /// to signal threads that do not exist in this child.
+    /// `become_root`: see [`setup_child`].
     unsafe fn child(&self, become_root: bool) -> ! {
-        for (src, dst) in &self.dups {
-            if libc::dup2(src.as_raw_fd(), *dst) < 0 {
-                libc::_exit(126);
-            }
-        }
-        // Until execve, a clone holds a copy of every daemon descriptor, close-on-exec or
-        // not; a pool spare may wait here long, and a pipe end it holds would keep another
-        // container's stdin from ever reaching EOF. Keep only what we set up.
-        let keep = self
-            .dups
-            .iter()
-            .map(|(_, dst)| *dst)
-            .max()
-            .unwrap_or(2)
-            .max(2);
-        libc::syscall(
-            libc::SYS_close_range,
-            (keep + 1) as libc::c_uint,
-            libc::c_uint::MAX,
-            0 as libc::c_uint,
-        );
-        if let Some(fd) = self.sync_fd {
-            let mut b = 0u8;
-            loop {
-                let r = libc::read(fd, &mut b as *mut u8 as *mut libc::c_void, 1);
-                if r == 1 {
-                    break;
-                }
-                // The parent gave up (EOF) or the read failed for good.
-                if r == 0 || *libc::__errno_location() != libc::EINTR {
-                    libc::_exit(125);
-                }
-            }
-        }
-        if become_root
-            && (libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
-                || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
-                || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0)
-        {
-            libc::_exit(124);
-        }
+        setup_child(&self.dups, self.sync_fd, become_root);
         libc::execve(
             self.path.as_ptr(),
             self.argv_ptrs.as_ptr(),
             self.envp_ptrs.as_ptr(),
         );
         libc::_exit(127)
+    }
+}
+
+/// Where a fork-like clone returned.
+pub enum Forked {
+    Child,
+    Parent {
+        pid: libc::pid_t,
+        /// Cloned straight into the requested cgroup (clone3 + CLONE_INTO_CGROUP).
+        in_cgroup: bool,
+    },
+}
+
+/// clone(2) like fork (no new stack, no CLONE_VM) with `flags` plus SIGCHLD; with
+/// `cgroup` (a cgroup v2 directory), clone3 + CLONE_INTO_CGROUP first, which avoids a
+/// costly migration later, and a plain clone where the kernel lacks either.
+///
+/// # Safety
+/// In a multi-threaded caller the child may only make async-signal-safe calls.
+pub unsafe fn fork(flags: libc::c_int, cgroup: Option<&OwnedFd>) -> Result<Forked> {
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    if let Some(cgroup) = cgroup {
+        let args = CloneArgs {
+            flags: flags as u32 as u64 | CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: cgroup.as_raw_fd() as u64,
+            ..Default::default()
+        };
+        let pid = libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        );
+        match pid {
+            0 => return Ok(Forked::Child),
+            p if p > 0 => {
+                return Ok(Forked::Parent {
+                    pid: p as libc::pid_t,
+                    in_cgroup: true,
+                })
+            }
+            _ => {
+                let e = Error::last_os_error();
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS) | Some(libc::E2BIG) | Some(libc::EINVAL)
+                ) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let pid = libc::syscall(
+        libc::SYS_clone,
+        (flags | libc::SIGCHLD) as libc::c_ulong,
+        0usize,
+        0usize,
+        0usize,
+        0usize,
+    );
+    match pid {
+        0 => Ok(Forked::Child),
+        p if p > 0 => Ok(Forked::Parent {
+            pid: p as libc::pid_t,
+            in_cgroup: false,
+        }),
+        _ => Err(Error::last_os_error()),
+    }
+}
+
+/// In a child just cloned by [`fork`]: dup2 each (source, target), close every other
+/// descriptor above them, wait for one byte on `sync_fd` if given, and with `become_root`
+/// switch to uid/gid 0 of the new user namespace (mapped by then), or execve would drop
+/// every capability. Exits the child on failure.
+///
+/// # Safety
+/// Async-signal-safe calls only (raw syscalls: glibc's setuid wrappers would try to
+/// signal threads that do not exist in the child). Every source must be above every
+/// target, so that no dup2 clobbers a later source.
+pub unsafe fn setup_child(dups: &[(OwnedFd, RawFd)], sync_fd: Option<RawFd>, become_root: bool) {
+    for (src, dst) in dups {
+        if libc::dup2(src.as_raw_fd(), *dst) < 0 {
+            libc::_exit(126);
+        }
+    }
+    // A clone holds a copy of every descriptor of its parent, close-on-exec or not; a
+    // pool spare may wait long, and a pipe end it holds would keep another container's
+    // stdin from ever reaching EOF. Keep only what we set up.
+    let keep = dups.iter().map(|(_, dst)| *dst).max().unwrap_or(2).max(2);
+    libc::syscall(
+        libc::SYS_close_range,
+        (keep + 1) as libc::c_uint,
+        libc::c_uint::MAX,
+        0 as libc::c_uint,
+    );
+    if let Some(fd) = sync_fd {
+        let mut b = 0u8;
+        loop {
+            let r = libc::read(fd, &mut b as *mut u8 as *mut libc::c_void, 1);
+            if r == 1 {
+                break;
+            }
+            // The parent gave up (EOF) or the read failed for good.
+            if r == 0 || *libc::__errno_location() != libc::EINTR {
+                libc::_exit(125);
+            }
+        }
+    }
+    if become_root
+        && (libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0)
+    {
+        libc::_exit(124);
     }
 }
 

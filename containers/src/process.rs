@@ -1,13 +1,15 @@
 //! Container lifecycle: start, exec, destroy, and the re-executed init helper.
 //!
-//! The daemon is multi-threaded, so `start`/`exec` clone a child that only dup2s its fds
-//! and re-executes `/proc/self/exe` with [`INIT_ARG`]. That helper ([`init_main`]) is
-//! single-threaded and does the real setup. Fixed descriptors in the helper:
+//! The daemon is multi-threaded, so `start`/`exec` get their helper, which does the real
+//! setup single-threaded, from the fork server (see [`crate::forkserver`]), or else clone
+//! a child that only dup2s its fds and re-executes `/proc/self/exe` with [`INIT_ARG`]
+//! ([`init_main`]). Fixed descriptors in the helper:
 //! 0-2 stdio, 3 the control pipe (one sync byte, then a JSON [`InitMsg`]), 4 the status
 //! pipe (close-on-exec: EOF without data means the container command was executed), and
 //! from 5 the cgroup v1 `tasks` files it moves itself into (their number is argv[2]).
 
 use crate::cgroups::{self, CgroupManager};
+use crate::forkserver;
 use crate::namespaces::{self, PreparedExec};
 use crate::rootfs;
 use crate::security;
@@ -197,30 +199,25 @@ impl Helper {
                 .zip(&self_move)
                 .map(|(n, f)| (f.as_raw_fd(), n)),
         );
-        let moves = self_move.len().to_string();
-        let prep = PreparedExec::new(
-            "/proc/self/exe",
-            &["ltv-init", INIT_ARG, &moves],
-            &[],
-            &fds,
-            Some(CTL_FD),
-        )
-        .map_err(setup("prepare helper exec"))?;
-        let into = match &v2_dir {
-            Some(fd) => prep
-                .spawn_into_cgroup(flags, fd)
-                .map_err(setup("clone container process"))?,
-            None => None,
+        let moves = self_move.len() as RawFd;
+        let forked = match forkserver::spawn(flags, &fds, Some(CTL_FD), moves, v2_dir.as_ref()) {
+            Some(forked) => forked,
+            None => PreparedExec::new(
+                "/proc/self/exe",
+                &["ltv-init", INIT_ARG, &moves.to_string()],
+                &[],
+                &fds,
+                Some(CTL_FD),
+            )
+            .and_then(|prep| prep.spawn(flags, v2_dir.as_ref())),
+        }
+        .map_err(setup("clone container process"))?;
+        let namespaces::Forked::Parent { pid, in_cgroup } = forked else {
+            unreachable!("spawn returns in the parent only")
         };
-        let in_cgroup = into.is_some() || !self_move.is_empty();
-        let pid = match into {
-            Some(pid) => pid,
-            None => prep
-                .spawn(flags)
-                .map_err(setup("clone container process"))?,
-        };
+        let in_cgroup = in_cgroup || !self_move.is_empty();
         // Our copies must go, or EOF on the status pipe would never come.
-        drop((prep, ctl_child, st_w, null, self_move));
+        drop((ctl_child, st_w, null, self_move));
         Ok(Helper {
             pid,
             ctl: Some(ctl_parent),
@@ -1076,10 +1073,19 @@ fn exit_code(err: &InitError) -> i32 {
     }
 }
 
-/// Entry point of the re-executed helper; never returns.
+/// Entry point of the re-executed helper (or of the fork server); never returns.
 pub fn init_main() -> ! {
+    let arg = std::env::args().nth(2);
+    if arg.as_deref() == Some(forkserver::ARG) {
+        forkserver::serve()
+    }
+    helper_main(arg.and_then(|n| n.parse().ok()).unwrap_or(0))
+}
+
+/// The helper: `moves` cgroup `tasks` files to join from fd 5 on, then the message.
+pub(crate) fn helper_main(moves: RawFd) -> ! {
     let r = std::panic::catch_unwind(|| {
-        let (msg, extra) = helper_prologue()?;
+        let (msg, extra) = helper_prologue(moves)?;
         match msg {
             InitMsg::Start { spec } => init_start(&spec, extra.first()),
             InitMsg::Exec {
@@ -1108,7 +1114,7 @@ pub fn init_main() -> ! {
     std::process::exit(exit_code(&err))
 }
 
-fn helper_prologue() -> InitResult<(InitMsg, Vec<OwnedFd>)> {
+fn helper_prologue(moves: RawFd) -> InitResult<(InitMsg, Vec<OwnedFd>)> {
     // SAFETY: fd flag changes and closing descriptors nobody else in this process uses.
     unsafe {
         libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
@@ -1117,10 +1123,6 @@ fn helper_prologue() -> InitResult<(InitMsg, Vec<OwnedFd>)> {
         // container processes from opening it (the CVE-2019-5736 pattern).
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
-    let moves: RawFd = std::env::args()
-        .nth(2)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
     join_cgroup(SELF_MOVE_FD..SELF_MOVE_FD + moves)?;
     // SAFETY: closing descriptors nobody else in this process uses.
     unsafe {

@@ -50,6 +50,7 @@ fn main() {
             "non_root_user_and_tight_memory",
             non_root_user_and_tight_memory,
         ),
+        ("fork_server", fork_server),
         // Last: it moves this process into a private mount namespace.
         ("pure_v2_in_private_mount_ns", pure_v2_in_private_mount_ns),
     ];
@@ -661,6 +662,36 @@ fn nesting_profile(env: &Env) {
             Err(Error::InvalidSpec(_))
         ),
         "nesting without a user namespace is refused"
+    );
+}
+
+/// The same containers (plain, in a user namespace, from a pool spare, with an exec)
+/// with their helpers cloned by the fork server instead of executed; after the server
+/// is stopped or killed, executed again.
+fn fork_server(env: &Env) {
+    use ltv_containers::forkserver;
+    forkserver::start().expect("start the fork server");
+    let before = forkserver::helpers_cloned();
+    container_basics_exec_destroy(env);
+    user_namespace(env);
+    pool_spare_becomes_the_container(env);
+    let cloned = forkserver::helpers_cloned() - before;
+    assert!(cloned >= 4, "helpers came from the fork server: {cloned}");
+    forkserver::stop();
+    assert_eq!(forkserver::pid(), None);
+    missing_command_cleans_up(env);
+    assert_eq!(forkserver::helpers_cloned() - before, cloned);
+
+    forkserver::start().expect("start it again");
+    let pid = forkserver::pid().expect("running");
+    // SAFETY: our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    container_basics_exec_destroy(env);
+    assert_eq!(forkserver::pid(), None, "a dead server is dropped");
+    assert_eq!(forkserver::helpers_cloned() - before, cloned);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the dead server was reaped"
     );
 }
 

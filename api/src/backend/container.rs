@@ -124,6 +124,13 @@ impl ContainerBackend {
     ) -> Self {
         // Spares a previous daemon left behind are not ours to claim.
         process::remove_stale_spares(&cgroup_root);
+        // Before the spares, which it clones. Like them, it costs a process up front,
+        // which a guest whose kernel is emulated (pool 0) would rather not pay at boot.
+        if pool_size > 0 {
+            if let Err(e) = ltv_containers::forkserver::start() {
+                tracing::warn!("no fork server ({e}): each container helper is an exec of ltv");
+            }
+        }
         let pvm_guest = crate::daemon::agent::pvm_guest();
         if pvm_guest {
             // Measured: a system container's setup in such a guest took over 30 s while
@@ -894,6 +901,7 @@ impl Backend for ContainerBackend {
         if let Some(spares) = self.exec_spares.clone() {
             let _ = blocking(move || spares.drain()).await;
         }
+        let _ = blocking(ltv_containers::forkserver::stop).await;
     }
 
     async fn usage(&self, instance: &Instance) -> Option<Usage> {
