@@ -944,11 +944,14 @@ pub fn exec(
 /// Removes what `start` created: processes, mounts, cgroup. Idempotent.
 pub fn destroy(spec: &ContainerSpec) -> Result<(), Error> {
     let cg = cgroups::manager(&spec.cgroup);
-    let killed = cg.kill_all().map_err(setup("kill container processes"));
     let unmounted = rootfs::unmount_all(&spec.rootfs.mountpoint).map_err(setup("unmount rootfs"));
-    killed?;
-    unmounted?;
-    cg.remove().map_err(setup("remove cgroup"))
+    // Usually every process is gone already (a pid namespace dies with its init) and an
+    // rmdir per directory does; otherwise kill what is left first.
+    if !cg.remove_if_empty() {
+        cg.kill_all().map_err(setup("kill container processes"))?;
+        cg.remove().map_err(setup("remove cgroup"))?;
+    }
+    unmounted
 }
 
 /// Field 22 (starttime) of /proc/PID/stat.

@@ -210,6 +210,10 @@ impl ContainerBackend {
         blocking(move || process::destroy(&spec))
             .await?
             .map_err(runtime_error)?;
+        // Without an address (`--network none`) it never had a veth.
+        if instance.address.is_none() {
+            return Ok(());
+        }
         let ifname = network::host_ifname(&instance.name);
         let Some(veth) = blocking(move || network::HostLink::find(&ifname))
             .await?

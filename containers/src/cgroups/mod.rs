@@ -71,6 +71,9 @@ pub trait CgroupManager: Send + Sync {
     fn kill_all(&self) -> std::io::Result<()>;
     /// Remove the group's directories; a missing group is fine.
     fn remove(&self) -> std::io::Result<()>;
+    /// Removes the group with one rmdir per directory if it has neither processes nor
+    /// sub-groups (or is gone); false if any directory stays, for `kill_all` + `remove`.
+    fn remove_if_empty(&self) -> bool;
     fn exists(&self) -> bool;
     /// Lets `uid:gid` (a container's root) manage sub-groups of the group: what LXC and
     /// systemd call delegation. The group's own limits stay out of its reach.

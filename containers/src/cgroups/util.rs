@@ -85,6 +85,15 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
     }
 }
 
+/// One rmdir of a cgroup directory: true if it is gone now. The kernel refuses a group
+/// with processes or sub-groups (EBUSY), whatever control files it holds.
+pub fn remove_if_empty(dir: &Path) -> bool {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => true,
+        Err(e) => e.kind() == ErrorKind::NotFound,
+    }
+}
+
 /// Hands `dir` and its `files` to `uid:gid`, so that they may create sub-groups and move
 /// processes between them, while the group's own limit files stay root's.
 pub fn delegate(dir: &Path, files: &[&str], uid: u32, gid: u32) -> Result<()> {
@@ -141,5 +150,23 @@ pub fn wait_empty(
         kill(&p);
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remove_if_empty_takes_only_an_empty_dir() {
+        let t = tempfile::tempdir().unwrap();
+        let full = t.path().join("full");
+        std::fs::create_dir_all(full.join("sub")).unwrap();
+        assert!(!remove_if_empty(&full), "a dir with a sub-dir stays");
+        assert!(full.join("sub").is_dir());
+        assert!(remove_if_empty(&full.join("sub")));
+        assert!(remove_if_empty(&full));
+        assert!(!full.exists());
+        assert!(remove_if_empty(&full), "a missing dir counts as removed");
     }
 }

@@ -291,6 +291,12 @@ impl CgroupManager for V1Manager {
         Ok(())
     }
 
+    fn remove_if_empty(&self) -> bool {
+        self.hierarchies
+            .iter()
+            .all(|h| self.dir(h).is_ok_and(|d| util::remove_if_empty(&d)))
+    }
+
     fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
         for h in &self.hierarchies {
             util::delegate(&self.dir(h)?, &["cgroup.procs", "tasks"], uid, gid)?;

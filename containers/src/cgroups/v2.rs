@@ -194,6 +194,10 @@ impl CgroupManager for V2Manager {
         util::remove_tree(&self.dir()?)
     }
 
+    fn remove_if_empty(&self) -> bool {
+        self.dir().is_ok_and(|d| util::remove_if_empty(&d))
+    }
+
     fn exists(&self) -> bool {
         self.dir().map(|d| d.is_dir()).unwrap_or(false)
     }
