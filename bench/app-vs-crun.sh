@@ -2,19 +2,24 @@
 # Application containers against crun, in the same run, on the same busybox rootfs:
 #   1. start-to-exit latency of `ltv run --rm busybox -- /bin/true` vs `crun run` (hyperfine);
 #   2. idle memory per container (kernel + anon from /proc/meminfo, N sleeping containers).
-# Usage (root): bench/app-vs-crun.sh [--runs N] [--idle N] [--out DIR]
+# Usage (root): bench/app-vs-crun.sh [--runs N] [--rounds N] [--idle N] [--out DIR]
+# Each command runs back to back in blocks of RUNS/ROUNDS, the blocks rotating through
+# the commands ROUNDS times: a host that changes speed during the run (this one has fast
+# and slow phases) then weighs on every command alike, as one block each would not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=200
+ROUNDS=5
 IDLE=30
 OUT=bench/out
 while (($#)); do
     case "$1" in
         --runs) RUNS=$2; shift 2 ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
         --idle) IDLE=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
-        *) echo "usage: $0 [--runs N] [--idle N] [--out DIR]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--runs N] [--rounds N] [--idle N] [--out DIR]" >&2; exit 2 ;;
     esac
 done
 [[ $(id -u) -eq 0 ]] || { echo "run as root" >&2; exit 1; }
@@ -70,20 +75,39 @@ json.dump(c, open(path, "w"), indent=1)
 EOF
 
 # crun refuses the hybrid cgroup layout unless the cgroup2 mount is hidden, so both
-# tools are timed inside one private mount namespace without it (ltv is only the client there).
-echo "== start latency: $RUNS runs each, interleaved by hyperfine's warm-up"
-unshare -m --propagation private sh -c "
-    umount /sys/fs/cgroup/unified 2>/dev/null || true
-    hyperfine -N --warmup 10 --runs $RUNS --export-json '$OUT/app-start.json' \
-        -n ltv '$LTV run --rm busybox -- /bin/true' \
-        -n ltv-none '$LTV run --rm --network none busybox -- /bin/true' \
-        -n ltv-privileged-none '$LTV run --rm --privileged --network none busybox -- /bin/true' \
-        -n crun 'crun --root $WORK/crun run --bundle $BUNDLE bench-true'
-"
-python3 - "$OUT/app-start.json" <<'EOF'
+# tools are timed inside private mount namespaces without it (ltv is only the client there).
+PER_BLOCK=$(( (RUNS + ROUNDS - 1) / ROUNDS ))
+echo "== start latency: $ROUNDS rounds of $PER_BLOCK back-to-back runs per command"
+COMMANDS=(
+    "ltv=$LTV run --rm busybox -- /bin/true"
+    "ltv-none=$LTV run --rm --network none busybox -- /bin/true"
+    "ltv-privileged-none=$LTV run --rm --privileged --network none busybox -- /bin/true"
+    "crun=crun --root $WORK/crun run --bundle $BUNDLE bench-true"
+)
+for round in $(seq "$ROUNDS"); do
+    args=()
+    n=${#COMMANDS[@]}
+    for i in $(seq 0 $((n - 1))); do
+        # Rotated by one each round, and reversed every other one, so that no command
+        # always follows the same other one (and its background work).
+        (( round % 2 )) && j=$(( (i + round) % n )) || j=$(( (n - 1 - i + round) % n ))
+        c=${COMMANDS[$j]}
+        args+=(-n "${c%%=*}" "${c#*=}")
+    done
+    unshare -m --propagation private sh -c '
+        umount /sys/fs/cgroup/unified 2>/dev/null || true
+        runs=$0 out=$1; shift
+        exec hyperfine -N --style none --warmup 5 --runs "$runs" --export-json "$out" "$@" >/dev/null
+    ' "$PER_BLOCK" "$OUT/app-start-$round.json" "${args[@]}"
+done
+python3 - "$OUT"/app-start-*.json <<'EOF'
 import json, statistics, sys
-r = {x["command"]: x for x in json.load(open(sys.argv[1]))["results"]}
-med = {k: statistics.median(v["times"]) * 1e3 for k, v in r.items()}
+times = {}
+for f in sys.argv[1:]:
+    for x in json.load(open(f))["results"]:
+        times.setdefault(x["command"], []).extend(x["times"])
+json.dump({"times_s": times}, open(f.rsplit("/", 1)[0] + "/app-start.json", "w"))
+med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
 print(f"median: crun {med['crun']:.2f} ms")
 for name, what in [
     ("ltv", "default: unprivileged (user namespace), veth on the bridge"),
