@@ -111,7 +111,9 @@ impl Server {
 /// the child), `sync_fd` the target it reads one byte from before it goes on, `moves` the
 /// helper's number of cgroup `tasks` files, `cgroup` a v2 directory to clone it into.
 /// `None` when there is no server (or it died): the caller execs the helper itself.
-pub(crate) fn spawn(
+/// Public for tests; containers get theirs through [`crate::process`].
+#[doc(hidden)]
+pub fn spawn(
     flags: libc::c_int,
     fds: &[(RawFd, RawFd)],
     sync_fd: Option<RawFd>,

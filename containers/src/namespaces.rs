@@ -113,7 +113,8 @@ pub enum Forked {
 
 /// clone(2) like fork (no new stack, no CLONE_VM) with `flags` plus SIGCHLD; with
 /// `cgroup` (a cgroup v2 directory), clone3 + CLONE_INTO_CGROUP first, which avoids a
-/// costly migration later, and a plain clone where the kernel lacks either.
+/// costly migration later, and a plain clone where the kernel lacks either. With
+/// CLONE_PARENT the child's exit signal is the caller's own (clone3 wants none given).
 ///
 /// # Safety
 /// In a multi-threaded caller the child may only make async-signal-safe calls.
@@ -122,7 +123,11 @@ pub unsafe fn fork(flags: libc::c_int, cgroup: Option<&OwnedFd>) -> Result<Forke
     if let Some(cgroup) = cgroup {
         let args = CloneArgs {
             flags: flags as u32 as u64 | CLONE_INTO_CGROUP,
-            exit_signal: libc::SIGCHLD as u64,
+            exit_signal: if flags & libc::CLONE_PARENT != 0 {
+                0
+            } else {
+                libc::SIGCHLD as u64
+            },
             cgroup: cgroup.as_raw_fd() as u64,
             ..Default::default()
         };

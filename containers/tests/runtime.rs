@@ -683,6 +683,8 @@ fn fork_server(env: &Env) {
     assert_eq!(forkserver::helpers_cloned() - before, cloned);
 
     forkserver::start().expect("start it again");
+    fork_server_into_v2_cgroup(env);
+    let cloned = forkserver::helpers_cloned() - before;
     let pid = forkserver::pid().expect("running");
     // SAFETY: our own child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -693,6 +695,47 @@ fn fork_server(env: &Env) {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "the dead server was reaped"
     );
+}
+
+/// A helper the server clones straight into a cgroup v2 group (CLONE_INTO_CGROUP with
+/// CLONE_PARENT) is there from its first instruction, and still our child.
+fn fork_server_into_v2_cgroup(env: &Env) {
+    use ltv_containers::cgroups::CgroupManager;
+    use ltv_containers::forkserver;
+    use ltv_containers::namespaces::Forked;
+    use std::os::fd::AsRawFd;
+    let root = Path::new("/sys/fs/cgroup/unified");
+    let root = if Layout::detect() == Layout::V2 {
+        Path::new("/sys/fs/cgroup")
+    } else if root.join("cgroup.procs").exists() {
+        root
+    } else {
+        eprintln!("no cgroup2 mount: skipped");
+        return;
+    };
+    let m = cgroups::v2::V2Manager::new(root, &format!("{}/v2-clone", env.cg_parent));
+    m.create().unwrap();
+    let dir: std::os::fd::OwnedFd = std::fs::File::open(root.join(&env.cg_parent).join("v2-clone"))
+        .unwrap()
+        .into();
+    // The helper waits for its message on this socket; closing our end ends it.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let n = null.as_raw_fd();
+    let fds = [(n, 0), (n, 1), (n, 2), (theirs.as_raw_fd(), 3)];
+    let forked = forkserver::spawn(0, &fds, None, 0, Some(&dir))
+        .expect("a server")
+        .expect("cloned");
+    drop(theirs);
+    let Forked::Parent { pid, in_cgroup } = forked else {
+        unreachable!()
+    };
+    assert!(in_cgroup, "cloned into the group");
+    assert_eq!(m.processes().unwrap(), vec![pid]);
+    drop(ours);
+    assert_ne!(wait(pid), 0, "a helper without a message gives up");
+    m.remove().unwrap();
+    let _ = std::fs::remove_dir(root.join(&env.cg_parent));
 }
 
 fn pool_spare_becomes_the_container(env: &Env) {
