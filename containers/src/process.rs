@@ -58,6 +58,8 @@ pub struct Started {
     pub pid: i32,
     /// Field 22 of /proc/PID/stat, to tell a re-used pid from ours.
     pub start_time: u64,
+    /// The interface index of the host end of its veth, if it got one.
+    pub veth: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -517,18 +519,22 @@ fn start_inner(
             .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
         // Before the container runs anything: its first process sees eth0 up. The veth
         // goes with the network namespace if anything fails.
-        if let Some(attaching) = network {
-            attaching
-                .join()
-                .map_err(|_| Error::Init("attaching the network panicked".into()))?
-                .map_err(|e| setup("attach network")(std::io::Error::other(e.to_string())))?;
-        }
+        let veth = match network {
+            Some(attaching) => Some(
+                attaching
+                    .join()
+                    .map_err(|_| Error::Init("attaching the network panicked".into()))?
+                    .map_err(|e| setup("attach network")(std::io::Error::other(e.to_string())))?,
+            ),
+            None => None,
+        };
         let msg = InitMsg::Start { spec: spec.clone() };
         h.send(&msg, stdio, std::slice::from_ref(&rootfs_mount))?;
         h.wait_status()?;
         Ok(Started {
             pid: h.pid,
             start_time,
+            veth,
         })
     })
 }
@@ -930,6 +936,7 @@ pub fn exec(
         Ok(Started {
             pid: h.pid,
             start_time,
+            veth: None,
         })
     })();
     if r.is_err() {

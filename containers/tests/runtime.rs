@@ -295,7 +295,9 @@ fn container_basics_exec_destroy(env: &Env) {
         &["sh", "-c", &format!("{REPORT}; exec sleep 1000")],
     );
     let (io, r) = stdio();
-    let Started { pid, start_time } = process::start(&spec, io, None).expect("start");
+    let Started {
+        pid, start_time, ..
+    } = process::start(&spec, io, None).expect("start");
     assert_eq!(process::proc_start_time(pid), Some(start_time));
     let mut f = std::fs::File::from(r);
     let out = read_until(&mut f, "END");

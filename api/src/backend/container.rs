@@ -48,6 +48,10 @@ pub struct ContainerBackend {
     nested_starts: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Busybox inits killed in their shutdown pause (see `end_busybox_shutdown_pause`).
     powered_off: Arc<std::sync::Mutex<std::collections::HashSet<i32>>>,
+    /// The host end of each running container's veth, by interface index: its release
+    /// needs no lookup, which waited for the RTNL lock that the kernel holds while it
+    /// tears down the exited container's network namespace (0.5-0.9 ms per `run --rm`).
+    veths: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// Refills of spare helpers wait for a quiet moment: a refill's clone, cgroup directories
@@ -160,6 +164,7 @@ impl ContainerBackend {
             pvm_guest,
             nested_starts: Default::default(),
             powered_off: Default::default(),
+            veths: Default::default(),
         };
         for pool in &backend.pools {
             backend.refill(pool.clone());
@@ -196,6 +201,10 @@ impl ContainerBackend {
         self.instances_dir.join(name)
     }
 
+    fn veths(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u32>> {
+        self.veths.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn cgroup(&self, name: &str) -> String {
         format!("{}/{}", self.cgroup_root, name)
     }
@@ -215,11 +224,19 @@ impl ContainerBackend {
             return Ok(());
         }
         let ifname = network::host_ifname(&instance.name);
-        let Some(veth) = blocking(move || network::HostLink::find(&ifname))
-            .await?
-            .map_err(|e| ApiError::internal(e.to_string()))?
-        else {
-            return Ok(());
+        // Looked up only when this daemon did not start it (it was restarted since).
+        let known = self.veths().remove(&instance.name);
+        let veth = match known {
+            Some(index) => network::HostLink::at(&ifname, index),
+            None => {
+                let found = blocking(move || network::HostLink::find(&ifname))
+                    .await?
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                let Some(veth) = found else {
+                    return Ok(());
+                };
+                veth
+            }
         };
         if wait_for_veth {
             blocking(move || veth.delete())
@@ -748,6 +765,9 @@ impl Backend for ContainerBackend {
             self.refill(pool);
         }
         let started = started.map_err(runtime_error)?;
+        if let Some(index) = started.veth {
+            self.veths().insert(instance.name.clone(), index);
+        }
         Ok(Started {
             pid: started.pid,
             start_time: started.start_time,

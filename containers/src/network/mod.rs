@@ -430,6 +430,14 @@ impl HostLink {
         }))
     }
 
+    /// The link `name` that had interface index `index` when we made it (see [`attach`]).
+    pub fn at(name: &str, index: u32) -> HostLink {
+        HostLink {
+            name: name.to_string(),
+            index,
+        }
+    }
+
     /// Deletes the link; returns once the kernel has unlisted it (tens of ms: the
     /// network stack quiesces first). A veth's peer goes with it.
     pub fn delete(self) -> Result<(), Error> {
@@ -451,7 +459,8 @@ pub fn detach(host_ifname: &str) -> Result<(), Error> {
 
 /// Connects the netns of `pid` to `bridge` through a new veth pair (see [`Attachment`]).
 /// On failure the veth is deleted again.
-pub fn attach(pid: i32, bridge: &str, att: &Attachment) -> Result<(), Error> {
+/// Returns the host end's interface index.
+pub fn attach(pid: i32, bridge: &str, att: &Attachment) -> Result<u32, Error> {
     validate_attachment(bridge, att)?;
     Veth::create(pid, &att.host_ifname)?.connect(bridge, att)
 }
@@ -548,7 +557,8 @@ impl Veth {
     /// Names the host end `att.host_ifname` (if it is not already), enslaves it to
     /// `bridge` and sets it up, all in one request; inside: eth0's address, eth0 up, the
     /// default route. On failure the pair is deleted.
-    pub fn connect(mut self, bridge: &str, att: &Attachment) -> Result<(), Error> {
+    /// Returns the host end's interface index (a rename keeps it).
+    pub fn connect(mut self, bridge: &str, att: &Attachment) -> Result<u32, Error> {
         validate_attachment(bridge, att)?;
         let host = &att.host_ifname;
         let result = (|| {
@@ -586,7 +596,7 @@ impl Veth {
             }
             return Err(e);
         }
-        Ok(())
+        Ok(self.host_index)
     }
 }
 
