@@ -706,12 +706,7 @@ fn fork_server_into_v2_cgroup(env: &Env) {
     use ltv_containers::forkserver;
     use ltv_containers::namespaces::Forked;
     use std::os::fd::AsRawFd;
-    let root = Path::new("/sys/fs/cgroup/unified");
-    let root = if Layout::detect() == Layout::V2 {
-        Path::new("/sys/fs/cgroup")
-    } else if root.join("cgroup.procs").exists() {
-        root
-    } else {
+    let Some(root) = cgroup2_root() else {
         eprintln!("no cgroup2 mount: skipped");
         return;
     };
@@ -847,15 +842,22 @@ fn tty(env: &Env) {
     assert_gone(&spec);
 }
 
+/// The cgroup2 hierarchy: /sys/fs/cgroup on a v2 host, the unified mount of a hybrid one.
+fn cgroup2_root() -> Option<&'static Path> {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if Layout::detect() == Layout::V2 {
+        Some(Path::new("/sys/fs/cgroup"))
+    } else if unified.join("cgroup.procs").exists() {
+        Some(unified)
+    } else {
+        None
+    }
+}
+
 /// The hybrid host's cgroup2 mount (hugetlb only) still exercises the real v2 file
 /// semantics: mkdir, cgroup.procs, cgroup.kill, rmdir.
 fn cgroup_v2_on_real_mount(env: &Env) {
-    let root = Path::new("/sys/fs/cgroup/unified");
-    let root = if Layout::detect() == Layout::V2 {
-        Path::new("/sys/fs/cgroup")
-    } else if root.join("cgroup.procs").exists() {
-        root
-    } else {
+    let Some(root) = cgroup2_root() else {
         eprintln!("no cgroup2 mount: skipped");
         return;
     };
