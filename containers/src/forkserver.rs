@@ -63,7 +63,7 @@ pub fn start() -> Result<()> {
         nix::sys::socket::sockopt::ReceiveTimeout,
         &nix::sys::time::TimeVal::new(ANSWER_TIMEOUT_SECS, 0),
     )
-    .map_err(errno)?;
+    .map_err(Error::from)?;
     let null = std::fs::File::open("/dev/null")?;
     let prep = namespaces::PreparedExec::new(
         "/proc/self/exe",
@@ -162,9 +162,9 @@ fn request(
         MsgFlags::MSG_NOSIGNAL,
         None,
     )
-    .map_err(errno)?;
+    .map_err(Error::from)?;
     let mut buf = [0u8; 8];
-    let n = recv(socket, &mut buf, MsgFlags::empty()).map_err(errno)?;
+    let n = recv(socket, &mut buf, MsgFlags::empty()).map_err(Error::from)?;
     let reply = decode(&buf[..n]);
     let [pid, in_cgroup] = reply[..] else {
         return Err(Error::new(ErrorKind::UnexpectedEof, "no answer"));
@@ -213,20 +213,23 @@ fn clone_helper(words: &[i32], fds: &mut Vec<OwnedFd>) -> Result<Forked> {
         0 => None,
         _ => Some(fds.pop().ok_or(Error::from_raw_os_error(libc::EINVAL))?),
     };
-    if targets.len() != fds.len() || targets.iter().any(|t| !(0..64).contains(t)) {
+    if targets.len() != fds.len() {
         return Err(Error::from_raw_os_error(libc::EINVAL));
     }
-    // Above every target, so that no dup2 in the child clobbers a later source.
     let dups = fds
         .drain(..)
         .zip(targets)
-        .map(|(fd, t)| Ok((dup_above(&fd, 64)?, *t)))
+        .map(|(fd, &t)| {
+            let target =
+                namespaces::check_target(t).map_err(|_| Error::from_raw_os_error(libc::EINVAL))?;
+            Ok((namespaces::dup_above_targets(fd.as_raw_fd())?, target))
+        })
         .collect::<Result<Vec<_>>>()?;
     // SAFETY: we are single-threaded, so the child may do anything; it only returns
     // through `helper_main`, which exits.
     let forked = unsafe { namespaces::fork(flags | libc::CLONE_PARENT, cgroup.as_ref())? };
     if let Forked::Child = forked {
-        // SAFETY: a fresh child of a fork-like clone; the sources are above 63.
+        // SAFETY: a fresh child of a fork-like clone; the sources are above the targets.
         unsafe {
             namespaces::setup_child(
                 &dups,
@@ -253,12 +256,12 @@ fn receive() -> Result<Option<(Vec<i32>, Vec<OwnedFd>)>> {
             MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Err(nix::errno::Errno::EINTR) => continue,
-            r => break r.map_err(errno)?,
+            r => break r.map_err(Error::from)?,
         }
     };
     let n = msg.bytes;
     let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(errno)? {
+    for c in msg.cmsgs().map_err(Error::from)? {
         if let ControlMessageOwned::ScmRights(received) = c {
             // SAFETY: descriptors just received, owned here from now on.
             fds.extend(
@@ -282,17 +285,7 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
         None,
         SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(errno)
-}
-
-fn dup_above(fd: &OwnedFd, min: RawFd) -> Result<OwnedFd> {
-    // SAFETY: fcntl on a descriptor we own; the result is a new fd we own.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
-    if n < 0 {
-        return Err(Error::last_os_error());
-    }
-    // SAFETY: n was just returned by fcntl.
-    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+    .map_err(Error::from)
 }
 
 fn encode(words: &[i32]) -> Vec<u8> {
@@ -304,10 +297,6 @@ fn decode(bytes: &[u8]) -> Vec<i32> {
         .chunks_exact(4)
         .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-fn errno(e: nix::errno::Errno) -> Error {
-    Error::from_raw_os_error(e as i32)
 }
 
 #[cfg(test)]

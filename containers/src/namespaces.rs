@@ -28,7 +28,8 @@ pub struct PreparedExec {
     argv_ptrs: Vec<*const libc::c_char>,
     _envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
-    /// (source, target) pairs for dup2; every source is >= 10, so the order is free.
+    /// (source, target) pairs for dup2; every source is above every target (see
+    /// [`dup_above_targets`]), so the order is free.
     dups: Vec<(OwnedFd, RawFd)>,
     /// The child blocks on one byte from this (target) fd before execve.
     sync_fd: Option<RawFd>,
@@ -39,8 +40,7 @@ fn cstring(s: &str) -> Result<CString> {
 }
 
 impl PreparedExec {
-    /// `fds` are (descriptor, number it gets in the child). The descriptors are duplicated
-    /// above 9 (close-on-exec) so that no dup2 in the child can clobber a later source.
+    /// `fds` are (descriptor, number it gets in the child, below [`MAX_TARGET_FD`]).
     pub fn new(
         path: &str,
         argv: &[&str],
@@ -54,16 +54,10 @@ impl PreparedExec {
         argv_ptrs.push(std::ptr::null());
         let mut envp_ptrs: Vec<_> = envp.iter().map(|a| a.as_ptr()).collect();
         envp_ptrs.push(std::ptr::null());
-        let mut dups = Vec::with_capacity(fds.len());
-        for &(src, dst) in fds {
-            // SAFETY: fcntl on a descriptor the caller owns; the result is a new fd we own.
-            let n = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10) };
-            if n < 0 {
-                return Err(Error::last_os_error());
-            }
-            // SAFETY: n is a fresh descriptor returned by fcntl.
-            dups.push((unsafe { OwnedFd::from_raw_fd(n) }, dst));
-        }
+        let dups = fds
+            .iter()
+            .map(|&(src, dst)| Ok((dup_above_targets(src)?, check_target(dst)?)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(PreparedExec {
             path: cstring(path)?,
             _argv: argv,
@@ -99,6 +93,34 @@ impl PreparedExec {
         );
         libc::_exit(127)
     }
+}
+
+/// The descriptor numbers a child of [`fork`] gets its fds at ([`setup_child`]) stay below
+/// this; the sources are duplicated above it first.
+pub const MAX_TARGET_FD: RawFd = 64;
+
+/// `fd` if it is a valid target for [`setup_child`].
+pub fn check_target(fd: RawFd) -> Result<RawFd> {
+    if (0..MAX_TARGET_FD).contains(&fd) {
+        Ok(fd)
+    } else {
+        Err(Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("descriptor target {fd} not below {MAX_TARGET_FD}"),
+        ))
+    }
+}
+
+/// A close-on-exec duplicate of `fd` above every target of [`setup_child`], so that no
+/// dup2 there clobbers a later source.
+pub fn dup_above_targets(fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: fcntl on a descriptor the caller owns; the result is a new fd we own.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, MAX_TARGET_FD) };
+    if n < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: n was just returned by fcntl.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 /// Where a fork-like clone returned.
@@ -308,4 +330,18 @@ pub fn loopback_up() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_go_above_every_target() {
+        let dup = dup_above_targets(0).unwrap();
+        assert!(dup.as_raw_fd() >= MAX_TARGET_FD);
+        assert!(check_target(MAX_TARGET_FD - 1).is_ok());
+        assert!(check_target(MAX_TARGET_FD).is_err());
+        assert!(check_target(-1).is_err());
+    }
 }

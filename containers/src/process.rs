@@ -150,13 +150,8 @@ fn validate(spec: &ContainerSpec) -> Result<(), Error> {
     Ok(())
 }
 
-fn errno_io(e: nix::errno::Errno) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e as i32)
-}
-
 fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| setup("create pipe")(std::io::Error::from_raw_os_error(e as i32)))
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| setup("create pipe")(e.into()))
 }
 
 /// A spawned helper and the parent's pipe ends.
@@ -181,7 +176,7 @@ impl Helper {
             None,
             nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         )
-        .map_err(|e| setup("create control socket")(errno_io(e)))?;
+        .map_err(|e| setup("create control socket")(std::io::Error::from(e)))?;
         let (st_r, st_w) = pipe()?;
         let null = std::fs::File::open("/dev/null").map_err(setup("open /dev/null"))?;
         let v2_dir = cgroup.and_then(cgroup_dir_fd);
@@ -267,7 +262,11 @@ impl Helper {
             Ok(n) => n,
             // The helper died: its status (if any) tells why.
             Err(nix::errno::Errno::EPIPE) | Err(nix::errno::Errno::ECONNRESET) => return Ok(()),
-            Err(e) => return Err(setup("send spec to container init")(errno_io(e))),
+            Err(e) => {
+                return Err(setup("send spec to container init")(std::io::Error::from(
+                    e,
+                )))
+            }
         };
         self.ctl = Some(fd);
         if sent < buf.len() {
@@ -1182,9 +1181,9 @@ fn receive_message() -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
             Some(&mut cmsg),
             MsgFlags::MSG_CMSG_CLOEXEC,
         )
-        .map_err(errno_io)?;
+        .map_err(std::io::Error::from)?;
         let n = msg.bytes;
-        for c in msg.cmsgs().map_err(errno_io)? {
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
             if let ControlMessageOwned::ScmRights(fds) = c {
                 for (i, fd) in fds.iter().enumerate() {
                     if i >= 3 && !stdio_set {
@@ -1214,10 +1213,6 @@ fn receive_message() -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     Ok((out, extra))
 }
 
-fn errno_str(e: nix::Error) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e as i32)
-}
-
 fn init_start(
     spec: &ContainerSpec,
     rootfs_mount: Option<&OwnedFd>,
@@ -1226,7 +1221,8 @@ fn init_start(
     let filters = security::seccomp(spec.profile()).map_err(|e| ("seccomp", e))?;
     let cg_mounts = rootfs::CgroupMounts::detect().map_err(|e| ("rootfs", e))?;
     namespaces::unshare_cgroup().map_err(|e| ("unshare cgroup namespace", e))?;
-    nix::unistd::sethostname(&spec.hostname).map_err(|e| ("set hostname", errno_str(e)))?;
+    nix::unistd::sethostname(&spec.hostname)
+        .map_err(|e| ("set hostname", std::io::Error::from(e)))?;
     if spec.network == NetworkMode::Loopback {
         namespaces::loopback_up().map_err(|e| ("bring lo up", e))?;
     }
@@ -1245,7 +1241,7 @@ fn init_start(
 }
 
 fn session(tty: bool) -> InitResult<()> {
-    nix::unistd::setsid().map_err(|e| ("setsid", errno_str(e)))?;
+    nix::unistd::setsid().map_err(|e| ("setsid", std::io::Error::from(e)))?;
     if tty {
         // SAFETY: ioctl on stdin with an integer argument.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
@@ -1282,11 +1278,11 @@ fn finish_and_exec(
         .iter()
         .map(|g| nix::unistd::Gid::from_raw(*g))
         .collect();
-    nix::unistd::setgroups(&groups).map_err(|e| ("setgroups", errno_str(e)))?;
+    nix::unistd::setgroups(&groups).map_err(|e| ("setgroups", std::io::Error::from(e)))?;
     let gid = nix::unistd::Gid::from_raw(p.gid);
-    nix::unistd::setresgid(gid, gid, gid).map_err(|e| ("setgid", errno_str(e)))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| ("setgid", std::io::Error::from(e)))?;
     let uid = nix::unistd::Uid::from_raw(p.uid);
-    nix::unistd::setresuid(uid, uid, uid).map_err(|e| ("setuid", errno_str(e)))?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| ("setuid", std::io::Error::from(e)))?;
     security::set_caps(profile).map_err(|e| ("capabilities", e))?;
     std::env::set_current_dir(&cwd).map_err(|e| ("chdir", format!("{}: {e}", cwd.display())))?;
 
