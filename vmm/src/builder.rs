@@ -22,7 +22,9 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
-use crate::flavour::{max_vcpus_for, pvm_compat_cmdline, Flavour, PVM_GUEST_PATCH_SWITCH};
+use crate::flavour::{
+    max_vcpus_for, pvm_compat_cmdline, Flavour, PVM_DEFAULT_ARGS, PVM_GUEST_PATCH_SWITCH,
+};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -139,10 +141,10 @@ fn attach_virtio(
 /// the i8042 (our clean stop path), reboot on panic, no PCI probing.
 const DEFAULT_ARGS: &[&str] = &["console=ttyS0", "reboot=k", "panic=1", "pci=off"];
 
-/// The final command line: the user's, the devices', defaults for missing keys, and the PVM
-/// compat switches. On PVM the guest-patch switch comes first: it is an early parameter, and
-/// from there on the guest parses the rest of the line faster (patch 0007). Arguments after
-/// `--` stay last: the kernel passes them to init.
+/// The final command line: the user's, the devices', defaults for missing keys (on PVM its own
+/// too), and the PVM compat switches. On PVM the guest-patch switch comes first: it is an early
+/// parameter, and from there on the guest parses the rest of the line faster (patch 0007).
+/// Arguments after `--` stay last: the kernel passes them to init.
 pub fn assemble_cmdline(user: &str, devices: &[String], flavour: Flavour) -> String {
     let mut out: Vec<String> = user.split_whitespace().map(str::to_string).collect();
     let for_init = match out.iter().position(|a| a == "--") {
@@ -153,7 +155,12 @@ pub fn assemble_cmdline(user: &str, devices: &[String], flavour: Flavour) -> Str
     if flavour == Flavour::Pvm {
         out.insert(0, PVM_GUEST_PATCH_SWITCH.to_string());
     }
-    for arg in DEFAULT_ARGS {
+    let pvm_defaults = if flavour == Flavour::Pvm {
+        PVM_DEFAULT_ARGS
+    } else {
+        &[]
+    };
+    for arg in DEFAULT_ARGS.iter().chain(pvm_defaults) {
         let key = arg.split('=').next().unwrap_or(arg);
         let present = out.iter().any(|a| a.split('=').next() == Some(key));
         if !present {
@@ -288,7 +295,13 @@ mod tests {
         let c = assemble_cmdline("console=hvc0 quiet", &[], Flavour::Hardware);
         assert_eq!(c, "console=hvc0 quiet reboot=k panic=1 pci=off");
         let c = assemble_cmdline("reboot=t", &[], Flavour::Pvm);
-        assert!(c.starts_with("ltv_pvm_compat reboot=t console=ttyS0 panic=1 pci=off noxsave"));
+        assert!(c.starts_with(
+            "ltv_pvm_compat reboot=t console=ttyS0 panic=1 pci=off clocksource=refined-jiffies noxsave"
+        ));
+        // A clocksource of the user's own stays the only one.
+        let c = assemble_cmdline("clocksource=tsc", &[], Flavour::Pvm);
+        assert_eq!(c.matches("clocksource=").count(), 1, "{c}");
+        assert!(!assemble_cmdline("", &[], Flavour::Hardware).contains("clocksource"));
         assert!(c.ends_with(&pvm_compat_cmdline()));
         assert!(!assemble_cmdline("", &[], Flavour::Hardware).contains("noxsave"));
         assert!(!assemble_cmdline("", &[], Flavour::Hardware).contains("ltv_pvm_compat"));
