@@ -8,6 +8,10 @@
 #   DISK_MIB=256: virtio-blk instead: both VMMs get the same raw disk of DISK_MIB random MiB
 #   (read-only) and the guest reads it sequentially with O_DIRECT (busybox dd, 1 MiB
 #   blocks); reported as MiB/s over the guest's /proc/uptime around the dd.
+#   KVM_COUNT=1: also KVM's tracepoint counts per MiB (perf stat on the VMM process during the
+#   dd): emulated guest instructions, MMIO and port exits, interrupts, exits to the VMM.
+#   Counting costs the guest time, so MiB/s are only comparable between runs alike.
+#   HUGEPAGES=1: ltv-vmm's guest RAM from hugetlbfs (reserve /proc/sys/vm/nr_hugepages first).
 #
 # Per run it reports: wall time from exec to the first `LTV-READY` console line, wall time to
 # process exit (guest `poweroff -f`), the VMM's PSS at LTV-READY minus the PSS of the guest-RAM
@@ -32,6 +36,7 @@ if [[ -n ${DISK_MIB:-} ]]; then
     head -c "$((DISK_MIB << 20))" /dev/urandom >"$DISK"
     cat >"$WORK/blkbench.sh" <<EOS
 #!/bin/sh
+echo LTV-BLK-START
 s=\$(cut -d' ' -f1 /proc/uptime)
 dd if=/dev/vda of=/dev/null bs=1M count=$DISK_MIB iflag=direct 2>/dev/null
 e=\$(cut -d' ' -f1 /proc/uptime)
@@ -60,9 +65,9 @@ echo "vmlinux: $VMLINUX"
 echo "initrd:  $INITRD ($(stat -c %s "$INITRD") bytes), memory ${MEM} MiB, 1 vCPU"
 
 WORK="$WORK" VMM="$VMM" VMLINUX="$VMLINUX" INITRD="$INITRD" MEM="$MEM" BASE="$BASE" DISK="$DISK" \
-QEMU_APPEND="$QEMU_APPEND" RUNS="$RUNS" TIMEOUT="$TIMEOUT" SKIP_QEMU="${SKIP_QEMU:-}" SKIP_LTV="${SKIP_LTV:-}" CONSOLE="${CONSOLE:-}" \
+QEMU_APPEND="$QEMU_APPEND" HUGEPAGES="${HUGEPAGES:-}" KVM_COUNT="${KVM_COUNT:-}" RUNS="$RUNS" TIMEOUT="$TIMEOUT" SKIP_QEMU="${SKIP_QEMU:-}" SKIP_LTV="${SKIP_LTV:-}" CONSOLE="${CONSOLE:-}" \
 python3 - <<'PY'
-import json, os, re, selectors, subprocess, time
+import json, os, re, selectors, shutil, signal, subprocess, time
 E = os.environ
 mem = int(E['MEM'])
 
@@ -105,6 +110,35 @@ def guest_ram_pss(vmas):
                 break
     return best[1] if best else 0
 
+# What the read costs the hypervisor, counted by KVM's tracepoints on the VMM process (debugfs'
+# per-VM counters are not readable on every host). Emulated instructions are the guest kernel's
+# work on kvm-pvm.
+KVM_EVENTS = ['kvm:kvm_emulate_insn', 'kvm:kvm_mmio', 'kvm:kvm_pio', 'kvm:kvm_inj_exception',
+              'kvm:kvm_apic_accept_irq', 'kvm:kvm_userspace_exit', 'kvm:kvm_vcpu_wakeup',
+              'kvmmmu:kvm_mmu_pagetable_walk']
+
+def kvm_count_start(pid):
+    if not E.get('KVM_COUNT') or not shutil.which('perf'):
+        return None
+    out = f"{E['WORK']}/perf-{pid}.csv"
+    p = subprocess.Popen(['perf', 'stat', '-x,', '-o', out, '-e', ','.join(KVM_EVENTS),
+                          '-p', str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p, out
+
+def kvm_count_stop(counting, per):
+    p, out = counting
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill(); p.wait(); return None
+    counts = {}
+    for line in open(out).read().splitlines():
+        f = line.split(',')
+        if len(f) > 2 and f[0].isdigit():
+            counts[f[2].split(':', 1)[-1]] = round(int(f[0]) / per, 1)
+    return counts
+
 def run(name, cmd, env=None):
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -112,7 +146,7 @@ def run(name, cmd, env=None):
     sel = selectors.DefaultSelector()
     sel.register(p.stdout, selectors.EVENT_READ, 'out')
     sel.register(p.stderr, selectors.EVENT_READ, 'err')
-    ready = mem_at_ready = blk = None
+    ready = mem_at_ready = blk = counting = None
     buf = {'out': b'', 'err': b''}
     err_lines = []
     open_streams = 2
@@ -127,10 +161,14 @@ def run(name, cmd, env=None):
             for l in lines:
                 if key.data == 'err':
                     err_lines.append(l.decode(errors='replace'))
+                elif l.startswith(b'LTV-BLK-START'):
+                    counting = kvm_count_start(p.pid)
                 elif l.startswith(b'LTV-BLK '):
                     mib, s, e = (float(x) for x in l.split()[1:4])
                     blk = {'read_mib': mib, 'guest_s': round(e - s, 2),
                            'mib_per_s': round(mib / max(e - s, 0.01), 2)}
+                    if counting:
+                        blk['kvm_events_per_mib'] = kvm_count_stop(counting, mib)
                 elif ready is None and b'LTV-READY' in l:
                     ready = time.monotonic() - t0
                     mem_at_ready = smaps_overhead(p.pid)
@@ -168,7 +206,7 @@ w = E['WORK']
 for i in range(int(E['RUNS'])):
     cfg = {'kernel': E['VMLINUX'], 'initrd': E['INITRD'], 'cmdline': E['BASE'],
            'memory_mib': mem, 'vcpus': 1, 'console_log': f'{w}/ltv-console.log',
-           'console_stdout': True}
+           'console_stdout': True, 'hugepages': bool(E.get('HUGEPAGES'))}
     disk = E.get('DISK')
     if disk:
         cfg['disks'] = [{'path': disk, 'read_only': True}]
