@@ -57,14 +57,7 @@ pub fn ensure(peer: &str, install: bool, kernel: Option<&Path>) -> Result<(), St
             ));
         }
         eprintln!("installing {} ...", package(peer));
-        let ok = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {} >/dev/null",
-                package(peer)
-            ))
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = apt_install(package(peer), None) || apt_install_from_backports(package(peer));
         if !ok || which(binary(peer)).is_none() {
             return Err(format!("apt-get install {} failed", package(peer)));
         }
@@ -73,6 +66,56 @@ pub fn ensure(peer: &str, install: bool, kernel: Option<&Path>) -> Result<(), St
         return Err("needs our guest kernel: pass --kernel (and --initrd)".into());
     }
     Ok(())
+}
+
+fn apt_install(package: &str, release: Option<&str>) -> bool {
+    let release = release.map(|r| format!("-t {r} ")).unwrap_or_default();
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {release}{package} >/dev/null"
+        ))
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Hosts that carry backports' qemu-utils cannot install the stable qemu-system (its
+/// qemu-system-common conflicts): retry from `<codename>-backports` of the host's own mirror,
+/// adding that suite to apt's sources when it is not there.
+fn apt_install_from_backports(package: &str) -> bool {
+    let Some(codename) = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("VERSION_CODENAME=")
+                    .map(|c| c.trim_matches('"').to_string())
+            })
+        })
+    else {
+        return false;
+    };
+    let suite = format!("{codename}-backports");
+    let configured = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "grep -rqsw -- {suite} /etc/apt/sources.list /etc/apt/sources.list.d"
+        ))
+        .status()
+        .is_ok_and(|s| s.success());
+    if !configured {
+        let Some(mirror) = ltv_containers::image::host_apt_mirror() else {
+            return false;
+        };
+        eprintln!("adding {suite} from the host's mirror to apt's sources ...");
+        let source = format!(
+            "Types: deb\nURIs: {mirror}\nSuites: {suite}\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        );
+        if std::fs::write("/etc/apt/sources.list.d/ltv-backports.sources", source).is_err() {
+            return false;
+        }
+    }
+    apt_install(package, Some(&suite))
 }
 
 /// First line of `<tool> --version`.
