@@ -5,11 +5,11 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::epoll::EventSet;
 
 use super::worker::{self, EventLoop};
@@ -21,6 +21,8 @@ use super::{add_used_and_notify, read_config_bytes, Activation, Interrupt, Virti
 /// kernel's work per request on kvm-pvm.
 const QUEUE_SIZE: u16 = 512;
 const SECTOR: u64 = 512;
+/// type, reserved, sector
+const HEADER: usize = 16;
 
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
@@ -165,6 +167,7 @@ impl Disk {
 
     /// Serves one request; returns the bytes written into the guest's buffers (data + status).
     fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+        let request = chain.clone();
         let mut reader = match chain.clone().reader(mem) {
             Ok(r) => r,
             Err(e) => {
@@ -191,19 +194,18 @@ impl Disk {
                 return 0;
             }
         };
-        let mut header = [0u8; 16];
-        let status = if reader.read_exact(&mut header).is_err() {
+        let mut header = [0u8; HEADER];
+        let (status, data_written) = if reader.read_exact(&mut header).is_err() {
             eprintln!("ltv-vmm: virtio-blk: request header shorter than 16 bytes");
-            S_IOERR
+            (S_IOERR, 0)
         } else {
             let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
             let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-            match self.execute(kind, sector, &mut reader, &mut writer) {
-                Ok(()) => S_OK,
-                Err(status) => status,
+            match self.execute(kind, sector, &request, mem, &mut reader, &mut writer) {
+                Ok(written) => (S_OK, written),
+                Err(status) => (status, 0),
             }
         };
-        let data_written = writer.bytes_written();
         if status_w.write_all(&[status]).is_err() {
             return data_written as u32;
         }
@@ -214,9 +216,11 @@ impl Disk {
         &mut self,
         kind: u32,
         sector: u64,
-        reader: &mut impl Read,
+        request: &DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        reader: &mut virtio_queue::Reader<'_>,
         writer: &mut virtio_queue::Writer<'_>,
-    ) -> Result<(), u8> {
+    ) -> Result<usize, u8> {
         let in_range = |len: u64| {
             len.is_multiple_of(SECTOR)
                 && sector
@@ -225,45 +229,143 @@ impl Disk {
         };
         match kind {
             T_IN => {
-                let len = writer.available_bytes() as u64;
-                if !in_range(len) {
+                let len = writer.available_bytes();
+                if !in_range(len as u64) {
                     return Err(S_IOERR);
                 }
-                let mut buf = vec![0u8; len as usize];
-                self.file
-                    .read_exact_at(&mut buf, sector * SECTOR)
+                let mut iov = guest_iovecs(request, mem, true, 0, len).ok_or(S_IOERR)?;
+                transfer_at(&self.file, &mut iov, sector * SECTOR, false)
                     .map_err(|e| io_error("read", e))?;
-                writer.write_all(&buf).map_err(|_| S_IOERR)
+                Ok(len)
             }
             T_OUT => {
                 if self.read_only {
                     return Err(S_IOERR);
                 }
-                let mut buf = Vec::new();
-                reader.read_to_end(&mut buf).map_err(|_| S_IOERR)?;
-                if !in_range(buf.len() as u64) {
+                let len = reader.available_bytes();
+                if !in_range(len as u64) {
                     return Err(S_IOERR);
                 }
-                self.file
-                    .write_all_at(&buf, sector * SECTOR)
-                    .map_err(|e| io_error("write", e))
+                let mut iov = guest_iovecs(request, mem, false, HEADER, len).ok_or(S_IOERR)?;
+                transfer_at(&self.file, &mut iov, sector * SECTOR, true)
+                    .map_err(|e| io_error("write", e))?;
+                Ok(0)
             }
             T_FLUSH => {
-                if self.read_only {
-                    return Ok(());
+                if !self.read_only {
+                    self.file.sync_data().map_err(|e| io_error("flush", e))?;
                 }
-                self.file.sync_data().map_err(|e| io_error("flush", e))
+                Ok(0)
             }
             T_GET_ID => {
                 let mut id = [0u8; ID_BYTES];
                 let n = self.id.len().min(ID_BYTES);
                 id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
                 let n = writer.available_bytes().min(ID_BYTES);
-                writer.write_all(&id[..n]).map_err(|_| S_IOERR)
+                writer.write_all(&id[..n]).map_err(|_| S_IOERR)?;
+                Ok(n)
             }
             _ => Err(S_UNSUPP),
         }
     }
+}
+
+/// Bytes `skip..skip + len` of a request's device-writable (or readable) buffers, as iovecs
+/// into guest memory: the disk is read into and written from the guest's pages directly,
+/// without a bounce buffer. None if the buffers are shorter or outside guest memory.
+fn guest_iovecs(
+    request: &DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    device_writable: bool,
+    mut skip: usize,
+    mut len: usize,
+) -> Option<Vec<libc::iovec>> {
+    let access = if device_writable {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
+    let mut iov = Vec::new();
+    for desc in request.clone() {
+        if desc.is_write_only() != device_writable || len == 0 {
+            continue;
+        }
+        for slice in mem
+            .get_slices(desc.addr(), desc.len() as usize, access)
+            .ok()?
+        {
+            let slice = slice.ok()?;
+            if skip >= slice.len() {
+                skip -= slice.len();
+                continue;
+            }
+            let take = (slice.len() - skip).min(len);
+            let part = slice.subslice(skip, take).ok()?;
+            if device_writable {
+                part.bitmap().mark_dirty(0, take);
+            }
+            iov.push(libc::iovec {
+                iov_base: part.ptr_guard_mut().as_ptr().cast(),
+                iov_len: take,
+            });
+            skip = 0;
+            len -= take;
+            if len == 0 {
+                break;
+            }
+        }
+    }
+    (len == 0).then_some(iov)
+}
+
+/// preadv/pwritev at `offset` until every iovec is done (a call may do less).
+fn transfer_at(
+    file: &File,
+    mut iov: &mut [libc::iovec],
+    mut offset: u64,
+    write: bool,
+) -> io::Result<()> {
+    while !iov.is_empty() {
+        let count = iov.len().min(1024) as libc::c_int; // IOV_MAX
+        let at = offset as libc::off_t;
+        // SAFETY: every iovec lies in guest RAM, which stays mapped while the device runs; the
+        // kernel reads or writes only those bytes.
+        let n = unsafe {
+            if write {
+                libc::pwritev(file.as_raw_fd(), iov.as_ptr(), count, at)
+            } else {
+                libc::preadv(file.as_raw_fd(), iov.as_ptr(), count, at)
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(if write {
+                io::ErrorKind::WriteZero
+            } else {
+                io::ErrorKind::UnexpectedEof
+            }));
+        }
+        let mut done = n as usize;
+        offset += done as u64;
+        while done > 0 {
+            if done >= iov[0].iov_len {
+                done -= iov[0].iov_len;
+                iov = &mut iov[1..];
+            } else {
+                // SAFETY: stays inside the same iovec's buffer.
+                iov[0].iov_base = unsafe { iov[0].iov_base.cast::<u8>().add(done) }.cast();
+                iov[0].iov_len -= done;
+                done = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn io_error(op: &str, e: io::Error) -> u8 {
@@ -274,6 +376,7 @@ fn io_error(op: &str, e: io::Error) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
     use std::sync::Arc;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -364,6 +467,28 @@ mod tests {
             ],
         );
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0xa000)).unwrap(), S_IOERR);
+    }
+
+    #[test]
+    fn header_data_and_status_may_share_descriptors() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (f, mut d) = disk(8 * SECTOR, false);
+        // A write whose data follows the header in the same buffer.
+        header(&mem, 0x8000, T_OUT, 5);
+        mem.write_slice(&[0x3c; 512], GuestAddress(0x8010)).unwrap();
+        let n = serve(&mut d, &mem, &[(0x8000, 16 + 512, 0), (0xa000, 1, F_WRITE)]);
+        assert_eq!(n, 1);
+        let mut on_disk = [0u8; 512];
+        f.as_file().read_exact_at(&mut on_disk, 5 * SECTOR).unwrap();
+        assert_eq!(on_disk, [0x3c; 512]);
+        // A read whose status byte follows the data in the same buffer.
+        header(&mem, 0x8000, T_IN, 5);
+        let n = serve(&mut d, &mem, &[(0x8000, 16, 0), (0xb000, 512 + 1, F_WRITE)]);
+        assert_eq!(n, 513);
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0xb000)).unwrap();
+        assert_eq!(back, [0x3c; 512]);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0xb200)).unwrap(), S_OK);
     }
 
     #[test]
