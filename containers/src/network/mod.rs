@@ -533,6 +533,7 @@ impl Veth {
                 return Err(e);
             }
         };
+        disable_ipv6(host_name);
         let half = HostLink {
             name: host_name.to_string(),
             index: host_index,
@@ -600,6 +601,18 @@ impl Veth {
     }
 }
 
+/// Turns IPv6 off on `ifname` (still down) in the calling thread's netns, as Docker does on
+/// networks without IPv6: the bridge is IPv4 only, and a link-local address per bridge port
+/// only costs: its setup and DAD when the port goes up and, when a host end goes away, one more
+/// walk of the whole conntrack table by the NAT masquerade rule's address notifier. Best
+/// effort: a read-only /proc/sys (a daemon nested in a container) or no IPv6 leaves it on.
+fn disable_ipv6(ifname: &str) {
+    let knob = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    if let Err(e) = std::fs::write(&knob, "1") {
+        tracing::debug!("{knob}: {e}; IPv6 stays on");
+    }
+}
+
 /// Opens /proc/PID/ns/net, refusing the caller's own netns (we would reconfigure the host).
 fn open_netns(pid: i32) -> Result<File, Error> {
     let ns_err = |source| Error::Namespace { pid, source };
@@ -634,6 +647,7 @@ fn open_inside(pid: i32, ns: File) -> Result<(Netlink, u32), Error> {
             let mut nl = open_netlink(&netns)?;
             loopback_up(&mut nl, &netns)?;
             let index = existing_link(&mut nl, CONTAINER_IFNAME, &netns)?;
+            disable_ipv6(CONTAINER_IFNAME);
             Ok((nl, index))
         })
         .map_err(|source| Error::Io {
@@ -740,6 +754,7 @@ pub fn create_tap(name: &str, bridge: &str) -> Result<(), Error> {
         }
         r => r?,
     }
+    disable_ipv6(name);
     let result = (|| {
         let index = existing_link(&mut nl, name, HOST_NS)?;
         nl.set_link(index, Some(br), true)
