@@ -53,7 +53,7 @@ pub const PVM_FAST_BOOT_CMDLINE: &str = "noreplace-smp rodata=off percpu_alloc=p
 /// Defaults for a PVM guest that the user's command line may override (same key wins): the
 /// jiffies clocksource, because every TSC read in the emulated kernel is expensive there
 /// (kernel work of a disk read ran 1.5x faster per instruction without it; see
-/// guest-kernel/README.md). Time in the guest then advances by ticks (10 ms at HZ=100).
+/// vmm/README.md). Time in the guest then advances by ticks (10 ms at HZ=100).
 pub const PVM_DEFAULT_ARGS: &[&str] = &["clocksource=refined-jiffies"];
 
 /// Switch that turns on the guest-kernel patches for PVM (skip the int3
