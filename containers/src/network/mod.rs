@@ -424,13 +424,10 @@ impl HostLink {
         let index = open_netlink(HOST_NS)?
             .link_index(name)
             .map_err(nl_err(format!("looking up {name}"), HOST_NS))?;
-        Ok(index.map(|index| HostLink {
-            name: name.to_string(),
-            index,
-        }))
+        Ok(index.map(|index| HostLink::at(name, index)))
     }
 
-    /// The link `name` that had interface index `index` when we made it (see [`attach`]).
+    /// The link `name` with interface index `index` (as [`attach`] returns it).
     pub fn at(name: &str, index: u32) -> HostLink {
         HostLink {
             name: name.to_string(),
@@ -534,10 +531,7 @@ impl Veth {
             }
         };
         disable_ipv6(host_name);
-        let half = HostLink {
-            name: host_name.to_string(),
-            index: host_index,
-        };
+        let half = HostLink::at(host_name, host_index);
         match open_inside(pid, ns) {
             Ok((inside, inside_index)) => Ok(Veth {
                 host_name: host_name.to_string(),
@@ -588,10 +582,7 @@ impl Veth {
             )
         })();
         if let Err(e) = result {
-            let half = HostLink {
-                name: host.clone(),
-                index: self.host_index,
-            };
+            let half = HostLink::at(host, self.host_index);
             if let Err(cleanup) = half.delete() {
                 tracing::warn!("attach {host}: cleanup after failure failed: {cleanup}");
             }
