@@ -244,7 +244,9 @@ impl ContainerBackend {
                 .await?
                 .map_err(|e| ApiError::internal(e.to_string()))
         } else {
-            std::thread::spawn(move || veth.delete());
+            ltv_containers::background::run(move || {
+                let _ = veth.delete();
+            });
             Ok(())
         }
     }
