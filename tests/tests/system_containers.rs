@@ -179,6 +179,29 @@ fn image_without_init_is_a_clear_error() {
 fn bridge_networking_between_containers() {
     require_root!();
     let d = daemon_with_busybox();
+    let bridge_mac = || -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", d.netns.as_deref().unwrap()])
+            .args(["ip", "-o", "link", "show", "ltvbr0"])
+            .output()
+            .unwrap();
+        let text = stdout(&out);
+        let mut words = text.split_whitespace();
+        words.find(|w| *w == "link/ether");
+        words
+            .next()
+            .unwrap_or_else(|| panic!("no MAC: {text}"))
+            .to_string()
+    };
+    // The gateway's MAC is the bridge's own, not its lowest port's: it must not change as
+    // containers come and go, or their ARP entries for it go stale.
+    let gateway_mac = bridge_mac();
+    let first_octet = u8::from_str_radix(&gateway_mac[..2], 16).unwrap();
+    assert_eq!(
+        first_octet & 3,
+        2,
+        "unicast, locally administered: {gateway_mac}"
+    );
     d.ok(&[
         "launch",
         "busybox",
@@ -193,6 +216,7 @@ fn bridge_networking_between_containers() {
     d.ok(&["launch", "busybox", "box"]);
     let web = d.wait_status("web", "Running", Duration::from_secs(5));
     d.wait_status("box", "Running", Duration::from_secs(5));
+    assert_eq!(bridge_mac(), gateway_mac, "ports joined, the MAC stays");
     let web_ip = web["address"].as_str().expect("an address").to_string();
     let box_ip = d.instance("box")["address"].as_str().unwrap().to_string();
     assert_ne!(web_ip, box_ip);
@@ -309,6 +333,7 @@ fn bridge_networking_between_containers() {
         d.ok(&["delete", "--force", n]);
     }
     assert_eq!(veths(), Vec::<String>::new(), "no veth left");
+    assert_eq!(bridge_mac(), gateway_mac, "the bridge kept its MAC");
 }
 
 #[test]

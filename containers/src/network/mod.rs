@@ -307,7 +307,7 @@ pub fn ensure_bridge(cfg: &BridgeConfig) -> Result<(), Error> {
         Some(i) => i,
         None => {
             match nl
-                .create_bridge(name)
+                .create_bridge(name, bridge_mac(name))
                 .map_err(nl_err(format!("creating bridge {name}"), HOST_NS))
             {
                 // Another caller may have won the race; that is fine.
@@ -340,6 +340,20 @@ pub fn ensure_bridge(cfg: &BridgeConfig) -> Result<(), Error> {
         tracing::warn!("{name}: no NAT to the outside: {e}");
     }
     Ok(())
+}
+
+/// The MAC of a bridge we create: fixed, as Docker and LXD set theirs. Without one, a
+/// Linux bridge takes the lowest MAC among its ports, which changes as containers come and
+/// go, and every container's ARP entry for the gateway goes stale. Derived from the
+/// host's machine-id and the bridge's name, so it is the same after a reboot.
+fn bridge_mac(name: &str) -> [u8; 6] {
+    let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let digest = Sha256::digest(format!("ltv bridge {} {name}", machine.trim()).as_bytes());
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&digest[..6]);
+    // Unicast, locally administered.
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
 }
 
 /// `cfg`, or the first following /24 (or /prefix) block when its subnet overlaps a route

@@ -104,9 +104,10 @@ impl Netlink {
         }))
     }
 
-    pub(crate) fn create_bridge(&mut self, name: &str) -> io::Result<()> {
+    pub(crate) fn create_bridge(&mut self, name: &str, mac: [u8; 6]) -> io::Result<()> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
         msg.attributes
             .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
                 InfoKind::Bridge,

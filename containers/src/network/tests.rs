@@ -134,3 +134,11 @@ fn nft_script_names_table_chain_and_subnet() {
     assert!(s.contains("chain ip ltv nat_br_x_1 { type nat hook postrouting"));
     assert!(s.contains("ip saddr 10.9.0.0/16 oifname != \"br-x.1\" masquerade"));
 }
+
+#[test]
+fn bridge_mac_is_fixed_unicast_and_locally_administered() {
+    let mac = bridge_mac("ltvbr0");
+    assert_eq!(mac[0] & 3, 2, "{mac:02x?}");
+    assert_eq!(mac, bridge_mac("ltvbr0"), "the same on every call");
+    assert_ne!(mac, bridge_mac("ltvbr1"), "each bridge its own");
+}
