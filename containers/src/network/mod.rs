@@ -502,9 +502,8 @@ pub struct Veth {
     inside: Netlink,
     inside_index: u32,
     netns: String,
-    /// The bridge (name, index) whose port the host end already is, both ends up
-    /// ([`Veth::prewire`]).
-    wired_to: Option<(String, u32)>,
+    /// The bridge whose port the host end already is, both ends up ([`Veth::prewire`]).
+    wired_to: Option<String>,
 }
 
 impl Veth {
@@ -586,7 +585,7 @@ impl Veth {
                 format!("bringing {CONTAINER_IFNAME} up"),
                 &self.netns,
             ))?;
-        self.wired_to = Some((bridge.to_string(), br));
+        self.wired_to = Some(bridge.to_string());
         Ok(())
     }
 
@@ -612,26 +611,23 @@ impl Veth {
                     }
                 })
             };
-            // Prewired: the bridge's index again, a no-op for its port, so that a bridge
-            // deleted (and made again) since fails here instead of leaving the container
-            // unreachable.
-            let prewired = match &self.wired_to {
-                Some((name, index)) if name == bridge => Some(*index),
-                _ => None,
-            };
-            match prewired {
-                Some(br) => renamed(
-                    match nl.set_link_named(self.host_index, rename, Some(br), false) {
-                        // Kernels before 6.2 rename only links that are down.
-                        Err(e) if rename.is_some() && e.raw_os_error() == Some(libc::EBUSY) => {
-                            nl.set_link_down(self.host_index).and_then(|_| {
-                                nl.set_link_named(self.host_index, rename, Some(br), true)
-                            })
-                        }
-                        other => other,
-                    },
-                )?,
-                None => {
+            let prewired = self.wired_to.as_deref() == Some(bridge);
+            match rename {
+                Some(name) if prewired => {
+                    renamed(
+                        match nl.set_link_named(self.host_index, Some(name), None, false) {
+                            // Kernels before 6.2 rename only links that are down.
+                            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                                nl.set_link_down(self.host_index).and_then(|_| {
+                                    nl.set_link_named(self.host_index, rename, None, true)
+                                })
+                            }
+                            other => other,
+                        },
+                    )?
+                }
+                None if prewired => {}
+                _ => {
                     let br = existing_link(&mut nl, bridge, HOST_NS)?;
                     renamed(nl.set_link_named(self.host_index, rename, Some(br), true))?
                 }
