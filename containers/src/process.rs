@@ -587,9 +587,9 @@ pub struct Pool {
     /// Spares for user-namespaced containers: they wait for their id map before they
     /// exec the helper.
     userns: bool,
-    /// Spares come with a veth, prewired on this bridge (see [`crate::network::Veth`]),
-    /// and serve only containers with a bridged network.
-    bridge: Option<String>,
+    /// Spares come with a veth (see [`crate::network::Veth`]) and serve only containers
+    /// with a bridged network.
+    veths: bool,
 }
 
 /// What a `Reserve` holds: a process spawned ahead of time, and how to get rid of it.
@@ -702,9 +702,9 @@ impl<T: Reserved> Reserve<T> {
 }
 
 impl Pool {
-    /// A pool of `size` spares under cgroup `root`, with veths made ahead on `bridge` if
-    /// one is given; `None` where it would not help (v2).
-    pub fn new(root: &str, size: usize, userns: bool, bridge: Option<&str>) -> Option<Pool> {
+    /// A pool of `size` spares under cgroup `root`, with veths made ahead if `veths`;
+    /// `None` where it would not help (v2).
+    pub fn new(root: &str, size: usize, userns: bool, veths: bool) -> Option<Pool> {
         if size == 0 || cgroups::Layout::detect() == cgroups::Layout::V2 {
             return None;
         }
@@ -712,18 +712,13 @@ impl Pool {
             root: root.trim_matches('/').to_string(),
             spares: Reserve::new(size),
             userns,
-            bridge: bridge.map(str::to_string),
+            veths,
         })
     }
 
     /// Whether the spares are for user-namespaced containers.
     pub fn userns(&self) -> bool {
         self.userns
-    }
-
-    /// Whether the spares come with a veth (for bridged containers only).
-    pub fn veths(&self) -> bool {
-        self.bridge.is_some()
     }
 
     fn take_for(&self, spec: &ContainerSpec) -> Option<Spare> {
@@ -736,7 +731,7 @@ impl Pool {
             return None;
         }
         // A spare's eth0 must not show up in a container meant to have none.
-        if self.veths() && !matches!(spec.network, NetworkMode::Bridge { .. }) {
+        if self.veths && !matches!(spec.network, NetworkMode::Bridge { .. }) {
             return None;
         }
         self.spares.take()
@@ -778,18 +773,16 @@ impl Pool {
         })();
         match spare {
             Ok(helper) => {
-                // Without one, a start makes the veth itself, as without a spare; without
-                // the prewiring, it wires this one.
-                let veth = self.bridge.as_deref().and_then(|bridge| {
-                    let name = format!("ltvs{}", helper.pid);
-                    let mut veth = crate::network::Veth::create(helper.pid, &name)
-                        .map_err(|e| tracing::warn!("container pool: no veth ahead: {e}"))
-                        .ok()?;
-                    if let Err(e) = veth.prewire(bridge) {
-                        tracing::warn!("container pool: veth not prewired: {e}");
-                    }
-                    Some(veth)
-                });
+                // Without one, a start makes the veth itself, as without a spare.
+                let veth = self
+                    .veths
+                    .then(|| {
+                        crate::network::Veth::create(helper.pid, &format!("ltvs{}", helper.pid))
+                    })
+                    .and_then(|made| {
+                        made.map_err(|e| tracing::warn!("container pool: no veth ahead: {e}"))
+                            .ok()
+                    });
                 Ok(Spare {
                     helper,
                     cgroup: SpareCgroup { path },

@@ -236,16 +236,7 @@ fn failures_leave_no_veth() {
 
 #[test]
 fn veth_made_ahead_then_connected() {
-    veth_made_ahead(false);
-}
-
-#[test]
-fn veth_made_ahead_and_prewired_then_connected() {
-    veth_made_ahead(true);
-}
-
-fn veth_made_ahead(prewire: bool) {
-    in_private_netns(move || {
+    in_private_netns(|| {
         let cfg = test_bridge();
         network::ensure_bridge(&cfg).unwrap();
         let a = Sleeper::spawn(true);
@@ -253,25 +244,13 @@ fn veth_made_ahead(prewire: bool) {
 
         // Made ahead: the host end under a temporary name, down and on no bridge; inside,
         // eth0 down and without an address, lo already up.
-        let mut veth = network::Veth::create(a.pid(), "ltvstest").unwrap();
+        let veth = network::Veth::create(a.pid(), "ltvstest").unwrap();
         let line = link_line("ltvstest");
         assert!(!line.contains("master") && !line.contains(",UP"), "{line}");
         let (ok, out) = a.run(&["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
         assert!(ok && out.trim().is_empty(), "{out}");
         assert!(link_line_in(&a, "lo").contains(",UP"));
         assert!(!link_line_in(&a, "eth0").contains(",UP"));
-        if prewire {
-            // Prewired: a port of the bridge, both ends up, still no address inside.
-            veth.prewire(&cfg.name).unwrap();
-            let line = link_line("ltvstest");
-            assert!(
-                line.contains("master ltvtest0") && line.contains(",UP"),
-                "{line}"
-            );
-            assert!(link_line_in(&a, "eth0").contains(",UP"));
-            let (ok, out) = a.run(&["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
-            assert!(ok && out.trim().is_empty(), "{out}");
-        }
 
         // Connected: renamed to the instance's name, on the bridge, up; inside configured.
         veth.connect(&cfg.name, &att).unwrap();
@@ -294,10 +273,7 @@ fn veth_made_ahead(prewire: bool) {
         // The instance's name is taken (by the veth above): refused, and the pair made
         // ahead is deleted, while the other one is left alone.
         let b = Sleeper::spawn(true);
-        let mut veth = network::Veth::create(b.pid(), "ltvstest").unwrap();
-        if prewire {
-            veth.prewire(&cfg.name).unwrap();
-        }
+        let veth = network::Veth::create(b.pid(), "ltvstest").unwrap();
         let err = veth.connect(&cfg.name, &att).unwrap_err();
         assert!(matches!(err, Error::InterfaceExists { .. }), "{err}");
         assert!(!link_exists("ltvstest"));

@@ -742,7 +742,7 @@ fn pool_spare_becomes_the_container(env: &Env) {
 }
 
 fn pool_spare_run(env: &Env, userns: bool) {
-    let Some(pool) = process::Pool::new(&env.cg_parent, 1, userns, None) else {
+    let Some(pool) = process::Pool::new(&env.cg_parent, 1, userns, false) else {
         eprintln!("pool: skipped (cgroup v2 host: CLONE_INTO_CGROUP makes the pool moot)");
         return;
     };
@@ -797,7 +797,7 @@ fn pool_spare_run(env: &Env, userns: bool) {
     pool.refill();
     assert_eq!(spares(), 0, "a drained pool stays empty");
     // The daemon's exit drains while a refill may be running: nothing is left after.
-    let pool = process::Pool::new(&env.cg_parent, 3, userns, None).unwrap();
+    let pool = process::Pool::new(&env.cg_parent, 3, userns, false).unwrap();
     std::thread::scope(|s| {
         s.spawn(|| pool.refill());
         std::thread::sleep(std::time::Duration::from_millis(2));

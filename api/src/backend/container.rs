@@ -142,25 +142,15 @@ impl ContainerBackend {
             // the host was busy.
             process::set_setup_timeout(std::time::Duration::from_secs(300));
         }
-        // Most containers are unprivileged: that pool gets the size, the others one spare
-        // each. With a bridge, spares come with their veth made, and those of the last two
-        // pools without, for `--network none`.
-        let bridge_name = bridge.as_ref().map(|b| b.name.as_str());
-        let unbridged_size = if bridge.is_some() {
-            pool_size.min(1)
-        } else {
-            0
-        };
-        let pools = [
-            (true, bridge_name, pool_size),
-            (false, bridge_name, pool_size.min(1)),
-            (true, None, unbridged_size),
-            (false, None, unbridged_size),
-        ]
-        .into_iter()
-        .filter_map(|(userns, bridge, size)| process::Pool::new(&cgroup_root, size, userns, bridge))
-        .map(Arc::new)
-        .collect();
+        // Most containers are unprivileged: that pool gets the size, the other one spare.
+        // With a bridge, spares come with their veth made.
+        let pools = [(true, pool_size), (false, pool_size.min(1))]
+            .into_iter()
+            .filter_map(|(userns, size)| {
+                process::Pool::new(&cgroup_root, size, userns, bridge.is_some())
+            })
+            .map(Arc::new)
+            .collect();
         let backend = ContainerBackend {
             instances_dir,
             images,
@@ -186,11 +176,7 @@ impl ContainerBackend {
 
     fn pool_for(&self, instance: &Instance) -> Option<Arc<process::Pool>> {
         let userns = instance.idmap_base.is_some();
-        let veth = self.bridge.is_some() && self.wants_address(instance);
-        self.pools
-            .iter()
-            .find(|p| p.userns() == userns && p.veths() == veth)
-            .cloned()
+        self.pools.iter().find(|p| p.userns() == userns).cloned()
     }
 
     fn refill(&self, pool: Arc<process::Pool>) {

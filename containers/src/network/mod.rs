@@ -488,13 +488,12 @@ fn validate_attachment(bridge: &str, att: &Attachment) -> Result<(), Error> {
     Ok(())
 }
 
-/// A veth pair whose peer is `eth0`, without an address, inside the netns of a process,
-/// where `lo` is already up; the host end is down and on no bridge until
-/// [`Veth::prewire`]. [`Veth::connect`] finishes it. Made ahead of time for a spare
-/// container helper, and prewired, it leaves only a rename and three quick netlink
-/// requests to a container's start (creating a veth pair takes the network stack 1-2 ms
-/// here). Dropped unconnected, the pair goes with that netns (the socket held here keeps
-/// the netns alive until then).
+/// A veth pair whose host end is down and on no bridge, and whose peer is `eth0`, down,
+/// inside the netns of a process, where `lo` is already up. [`Veth::connect`] finishes it.
+/// Made ahead of time for a spare container helper, it leaves only a rename and four
+/// quick netlink requests to a container's start (creating a veth pair takes the network
+/// stack 1-2 ms here). Dropped unconnected, the pair goes with that netns (the socket
+/// held here keeps the netns alive until then).
 pub struct Veth {
     host_name: String,
     host_index: u32,
@@ -502,8 +501,6 @@ pub struct Veth {
     inside: Netlink,
     inside_index: u32,
     netns: String,
-    /// The bridge whose port the host end already is, both ends up ([`Veth::prewire`]).
-    wired_to: Option<String>,
 }
 
 impl Veth {
@@ -556,7 +553,6 @@ impl Veth {
                 inside,
                 inside_index,
                 netns: pid_ns(pid),
-                wired_to: None,
             }),
             Err(e) => {
                 if let Err(cleanup) = half.delete() {
@@ -567,40 +563,19 @@ impl Veth {
         }
     }
 
-    /// Makes the host end a port of `bridge` and sets both ends up, ahead of a container:
-    /// enslaving a port and bringing it up took 0.3-0.4 ms of every bridged start here.
-    /// The peer has no address until [`Veth::connect`].
-    pub fn prewire(&mut self, bridge: &str) -> Result<(), Error> {
-        validate_ifname(bridge)?;
-        let mut nl = open_netlink(HOST_NS)?;
-        let br = existing_link(&mut nl, bridge, HOST_NS)?;
-        nl.set_link(self.host_index, Some(br), true)
-            .map_err(nl_err(
-                format!("attaching {} to {bridge}", self.host_name),
-                HOST_NS,
-            ))?;
-        self.inside
-            .set_link(self.inside_index, None, true)
-            .map_err(nl_err(
-                format!("bringing {CONTAINER_IFNAME} up"),
-                &self.netns,
-            ))?;
-        self.wired_to = Some(bridge.to_string());
-        Ok(())
-    }
-
     /// Names the host end `att.host_ifname` (if it is not already), enslaves it to
-    /// `bridge` and sets it up, all in one request (only the rename if it was prewired
-    /// there); inside: eth0's address, eth0 up, the default route. On failure the pair is
-    /// deleted. Returns the host end's interface index (a rename keeps it).
+    /// `bridge` and sets it up, all in one request; inside: eth0's address, eth0 up, the
+    /// default route. On failure the pair is deleted.
+    /// Returns the host end's interface index (a rename keeps it).
     pub fn connect(mut self, bridge: &str, att: &Attachment) -> Result<u32, Error> {
         validate_attachment(bridge, att)?;
         let host = &att.host_ifname;
         let result = (|| {
             let mut nl = open_netlink(HOST_NS)?;
+            let br = existing_link(&mut nl, bridge, HOST_NS)?;
             let rename = (*host != self.host_name).then_some(host.as_str());
-            let renamed = |result: io::Result<()>| {
-                result.map_err(|source| {
+            nl.set_link_named(self.host_index, rename, Some(br), true)
+                .map_err(|source| {
                     if rename.is_some() && source.raw_os_error() == Some(libc::EEXIST) {
                         Error::InterfaceExists {
                             name: host.clone(),
@@ -609,29 +584,7 @@ impl Veth {
                     } else {
                         nl_err(format!("attaching {host} to {bridge}"), HOST_NS)(source)
                     }
-                })
-            };
-            let prewired = self.wired_to.as_deref() == Some(bridge);
-            match rename {
-                Some(name) if prewired => {
-                    renamed(
-                        match nl.set_link_named(self.host_index, Some(name), None, false) {
-                            // Kernels before 6.2 rename only links that are down.
-                            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                                nl.set_link_down(self.host_index).and_then(|_| {
-                                    nl.set_link_named(self.host_index, rename, None, true)
-                                })
-                            }
-                            other => other,
-                        },
-                    )?
-                }
-                None if prewired => {}
-                _ => {
-                    let br = existing_link(&mut nl, bridge, HOST_NS)?;
-                    renamed(nl.set_link_named(self.host_index, rename, Some(br), true))?
-                }
-            }
+                })?;
             address_link(
                 &mut self.inside,
                 &self.netns,

@@ -144,7 +144,7 @@ impl Netlink {
     }
 
     /// [`Self::set_link`] that also renames the link, in the same request: the kernel
-    /// renames before it changes the flags (before 6.2 it renames only links that are down).
+    /// renames before it changes the flags, and a link must be down to be renamed.
     pub(crate) fn set_link_named(
         &mut self,
         index: u32,
@@ -164,13 +164,6 @@ impl Netlink {
         if let Some(m) = master {
             msg.attributes.push(LinkAttribute::Controller(m));
         }
-        self.request(RouteNetlinkMessage::SetLink(msg), 0).map(drop)
-    }
-
-    pub(crate) fn set_link_down(&mut self, index: u32) -> io::Result<()> {
-        let mut msg = LinkMessage::default();
-        msg.header.index = index;
-        msg.header.change_mask = LinkFlags::Up;
         self.request(RouteNetlinkMessage::SetLink(msg), 0).map(drop)
     }
 
