@@ -9,7 +9,6 @@
 //!   container's init helper (see [`process::INIT_ARG`]).
 //! - [`image`] builds, imports and stores unpacked, read-only images.
 
-pub mod background;
 pub mod cgroups;
 pub mod forkserver;
 pub mod image;

@@ -306,28 +306,6 @@ impl TestDaemon {
         assert!(cgroups.is_empty(), "cgroups of {name} left: {cgroups:?}");
         let dir = self.state_dir.join("instances").join(name);
         assert!(!dir.exists(), "instance dir {} left", dir.display());
-        // Moved aside at once, the directory is deleted in the background, soon after.
-        let removing = self.state_dir.join("instances").join(".removing");
-        let moved = || -> Vec<String> {
-            let prefix = format!("{name}-");
-            std::fs::read_dir(&removing)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !moved().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(
-            moved().is_empty(),
-            "{name} left in {}: {:?}",
-            removing.display(),
-            moved()
-        );
     }
 
     pub fn instance(&self, name: &str) -> serde_json::Value {

@@ -244,9 +244,7 @@ impl ContainerBackend {
                 .await?
                 .map_err(|e| ApiError::internal(e.to_string()))
         } else {
-            ltv_containers::background::run(move || {
-                let _ = veth.delete();
-            });
+            std::thread::spawn(move || veth.delete());
             Ok(())
         }
     }

@@ -12,59 +12,12 @@ use crate::types::{ExecPost, Image, Instance, Usage};
 use async_trait::async_trait;
 use ltv_containers::process::Stdio;
 
-/// Where deleted instances' directories wait for the background thread, beside them.
-const REMOVING: &str = ".removing";
-
-/// Removes an instance's directory; one that is already gone is fine. It is renamed into
-/// `.removing/` beside it at once, so that its name is free and nothing is left under it
-/// when this returns, then deleted on the background thread: unlinking a container's
-/// upper and work trees took 0.7 ms of every `run --rm` here (a dozen ext4 inodes), a
-/// VM's disk image longer. What a daemon that stopped left there, [`sweep_removed`] takes.
+/// Removes an instance's directory; one that is already gone is fine.
 pub fn remove_instance_dir(dir: &std::path::Path) -> Result<(), ApiError> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static MOVED: AtomicU64 = AtomicU64::new(0);
-    let remove_now = |dir: &std::path::Path| match std::fs::remove_dir_all(dir) {
+    match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(ApiError::internal(format!("remove {}: {e}", dir.display()))),
-    };
-    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
-        return remove_now(dir);
-    };
-    let mut moved_name = name.to_os_string();
-    moved_name.push(format!(
-        "-{}-{}",
-        std::process::id(),
-        MOVED.fetch_add(1, Ordering::Relaxed)
-    ));
-    let moved = parent.join(REMOVING).join(moved_name);
-    let renamed =
-        std::fs::create_dir_all(parent.join(REMOVING)).and_then(|()| std::fs::rename(dir, &moved));
-    match renamed {
-        Ok(()) => {
-            ltv_containers::background::run(move || {
-                if let Err(e) = std::fs::remove_dir_all(&moved) {
-                    tracing::warn!("remove {}: {e}", moved.display());
-                }
-            });
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        // Say, a mount still on it (EBUSY): the error comes from deleting in place.
-        Err(_) => remove_now(dir),
-    }
-}
-
-/// Deletes, on the background thread, what deleted instances left in `.removing/` of
-/// `instances_dir` when a daemon stopped before its background thread got to them.
-pub fn sweep_removed(instances_dir: &std::path::Path) {
-    let removing = instances_dir.join(REMOVING);
-    if removing.exists() {
-        ltv_containers::background::run(move || {
-            if let Err(e) = std::fs::remove_dir_all(&removing) {
-                tracing::warn!("remove {}: {e}", removing.display());
-            }
-        });
     }
 }
 
@@ -162,48 +115,4 @@ pub trait Backend: Send + Sync {
     }
     /// Current resource usage of a running instance.
     async fn usage(&self, instance: &Instance) -> Option<Usage>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::{Duration, Instant};
-
-    fn gone_soon(path: &std::path::Path) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while path.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        !path.exists()
-    }
-
-    #[test]
-    fn instance_dir_goes_at_once_and_its_tree_soon_after() {
-        let instances = tempfile::tempdir().unwrap();
-        let dir = instances.path().join("c1");
-        std::fs::create_dir_all(dir.join("upper/etc")).unwrap();
-        std::fs::write(dir.join("upper/etc/hosts"), "127.0.0.1 c1\n").unwrap();
-        remove_instance_dir(&dir).unwrap();
-        assert!(!dir.exists());
-        // The name is free at once.
-        std::fs::create_dir(&dir).unwrap();
-        let removing = instances.path().join(REMOVING);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::read_dir(&removing).unwrap().next().is_some() {
-            assert!(Instant::now() < deadline, "the moved tree stays");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // Already gone: fine.
-        std::fs::remove_dir(&dir).unwrap();
-        remove_instance_dir(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_previous_daemons_leftovers_are_swept() {
-        let instances = tempfile::tempdir().unwrap();
-        let left = instances.path().join(REMOVING).join("c2-1-0");
-        std::fs::create_dir_all(left.join("work")).unwrap();
-        sweep_removed(instances.path());
-        assert!(gone_soon(&instances.path().join(REMOVING)));
-    }
 }
