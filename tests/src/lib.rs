@@ -308,6 +308,20 @@ impl TestDaemon {
         assert!(!dir.exists(), "instance dir {} left", dir.display());
     }
 
+    /// `ip ARGS` in the daemon's network namespace; its standard output.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let ns = self
+            .netns
+            .as_deref()
+            .expect("the daemon runs in a netns of its own");
+        let out = Command::new("ip")
+            .args(["-n", ns])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn instance(&self, name: &str) -> serde_json::Value {
         let (status, v) = self.api_json("GET", &format!("/1.0/instances/{name}"), None);
         assert_eq!(status, 200, "GET instance {name}: {v}");

@@ -180,12 +180,7 @@ fn bridge_networking_between_containers() {
     require_root!();
     let d = daemon_with_busybox();
     let bridge_mac = || -> String {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", d.netns.as_deref().unwrap()])
-            .args(["ip", "-o", "link", "show", "ltvbr0"])
-            .output()
-            .unwrap();
-        let text = stdout(&out);
+        let text = d.ip(&["-o", "link", "show", "ltvbr0"]);
         let mut words = text.split_whitespace();
         words.find(|w| *w == "link/ether");
         words
@@ -293,12 +288,10 @@ fn bridge_networking_between_containers() {
 
     // Deleting frees the address and the veth, before `delete` returns.
     let links = || -> Vec<String> {
-        let links = std::process::Command::new("ip")
-            .args(["netns", "exec", d.netns.as_deref().unwrap()])
-            .args(["ip", "-o", "link", "show", "type", "veth"])
-            .output()
-            .unwrap();
-        stdout(&links).lines().map(str::to_string).collect()
+        d.ip(&["-o", "link", "show", "type", "veth"])
+            .lines()
+            .map(str::to_string)
+            .collect()
     };
     let named = |prefix: &'static str| {
         move |l: &String| {

@@ -126,10 +126,7 @@ fn md5(data: &[u8]) -> String {
 fn assert_killed_vmm_left_nothing(d: &TestDaemon, name: &str, pid: i32) {
     let v = d.wait_status(name, "Stopped", Duration::from_secs(30));
     assert_eq!(v["exit_code"], 137, "{v}");
-    assert!(
-        !in_netns(d, &["link", "show"]).contains("ltvtap"),
-        "TAP removed"
-    );
+    assert!(!d.ip(&["link", "show"]).contains("ltvtap"), "TAP removed");
     let dir = d.state_dir.join("instances").join(name);
     assert!(!dir.join("vsock.sock").exists() && !dir.join("vmm.sock").exists());
     let disk = std::fs::OpenOptions::new()
@@ -214,10 +211,7 @@ fn app_in_system_container_in_a_microvm() {
     assert!(!out.status.success(), "a running VM with running children");
     d.ok(&["delete", "--force", "vm1"]);
     assert_nothing_left(&d, "vm1");
-    assert!(
-        !in_netns(&d, &["link", "show"]).contains("ltvt"),
-        "TAP removed"
-    );
+    assert!(!d.ip(&["link", "show"]).contains("ltvt"), "TAP removed");
 }
 
 fn launch_vm(d: &TestDaemon, name: &str) -> serde_json::Value {
@@ -232,16 +226,6 @@ fn launch_vm(d: &TestDaemon, name: &str) -> serde_json::Value {
     let v = d.instance(name);
     assert_eq!(v["status"], "Running", "{v}");
     v
-}
-
-fn in_netns(d: &TestDaemon, args: &[&str]) -> String {
-    let ns = d.netns.as_deref().unwrap();
-    let out = std::process::Command::new("ip")
-        .args(["-n", ns])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Two boots: exec, info, vsock both ways, networking with a container, graceful stop,
@@ -407,7 +391,7 @@ fn vm_runs_commands_keeps_its_disk_talks_to_containers_and_stops_cleanly() {
     let vm_ip = d.instance("vm1")["address"].as_str().unwrap().to_string();
     let c1_ip = d.instance("c1")["address"].as_str().unwrap().to_string();
     assert!(
-        in_netns(&d, &["link", "show", "master", "ltvbr0"]).contains("ltvt"),
+        d.ip(&["link", "show", "master", "ltvbr0"]).contains("ltvt"),
         "the TAP is on the bridge"
     );
     d.ok(&["exec", "vm1", "--", "ping", "-c", "1", "-W", "10", &c1_ip]);
@@ -446,7 +430,7 @@ fn vm_runs_commands_keeps_its_disk_talks_to_containers_and_stops_cleanly() {
         d.ok(&["logs", "vm1"])
     );
     assert!(
-        !in_netns(&d, &["link", "show"]).contains("ltvt"),
+        !d.ip(&["link", "show"]).contains("ltvt"),
         "TAP removed at stop"
     );
     let t = Instant::now();
@@ -497,7 +481,7 @@ fn vm_boots_on_its_disk_joins_the_bridge_and_cleans_up() {
     let v = launch_vm(&d, "vm1");
     let vm_ip = v["address"].as_str().unwrap().to_string();
     assert!(d.ok(&["list"]).contains(&vm_ip));
-    let taps = in_netns(&d, &["link", "show", "master", "ltvbr0"]);
+    let taps = d.ip(&["link", "show", "master", "ltvbr0"]);
     assert!(taps.contains("ltvtap"), "the TAP is on the bridge: {taps}");
     d.ok(&["exec", "c1", "--", "ping", "-c", "1", "-W", "10", &vm_ip]);
     let dir = d.state_dir.join("instances/vm1");
@@ -532,10 +516,7 @@ fn vm_without_an_agent_in_time_fails_and_leaves_nothing() {
     let v = d.instance("slow");
     assert_eq!(v["status"], "Stopped", "{v}");
     assert!(v["pid"].is_null(), "{v}");
-    assert!(
-        !in_netns(&d, &["link", "show"]).contains("ltvt"),
-        "TAP removed"
-    );
+    assert!(!d.ip(&["link", "show"]).contains("ltvt"), "TAP removed");
     let vmm_config = d.state_dir.join("instances/slow/vmm.json");
     let left = ltv_e2e::pids_with_cmdline(&vmm_config.to_string_lossy());
     assert!(left.is_empty(), "the VMM is gone: {left:?}");
