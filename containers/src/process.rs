@@ -13,7 +13,7 @@ use crate::forkserver;
 use crate::namespaces::{self, PreparedExec};
 use crate::rootfs;
 use crate::security;
-use crate::spec::{ContainerSpec, NetworkMode, ProcessSpec};
+use crate::spec::{ContainerSpec, Limits, NetworkMode, ProcessSpec};
 use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::io::Write;
@@ -397,8 +397,9 @@ pub fn start(spec: &ContainerSpec, stdio: Stdio, pool: Option<&Pool>) -> Result<
     validate(spec)?;
     let cg = cgroups::manager(&spec.cgroup);
     // A group that already holds processes belongs to a running container: refuse, and
-    // leave it alone in the cleanup below.
-    if cg.processes().is_ok_and(|p| !p.is_empty()) {
+    // leave it alone in the cleanup below. (Usually there is none: a stat per hierarchy.)
+    let existed = cg.exists();
+    if existed && cg.processes().is_ok_and(|p| !p.is_empty()) {
         return Err(Error::Setup {
             stage: "create cgroup",
             source: std::io::Error::new(
@@ -409,7 +410,9 @@ pub fn start(spec: &ContainerSpec, stdio: Stdio, pool: Option<&Pool>) -> Result<
     }
     let mut helper: Option<Helper> = None;
     let spare = pool.and_then(|p| p.take_for(spec));
-    let r = start_inner(spec, stdio, cg.as_ref(), spare, &mut helper);
+    // A new group has no limits: without any to set, there is nothing to write.
+    let limits = (existed || spec.limits != Limits::default()).then_some(&spec.limits);
+    let r = start_inner(spec, stdio, cg.as_ref(), limits, spare, &mut helper);
     if r.is_err() {
         if let Some(h) = helper.as_mut() {
             h.kill_and_reap();
@@ -426,6 +429,7 @@ fn start_inner(
     spec: &ContainerSpec,
     stdio: Stdio,
     cg: &dyn CgroupManager,
+    limits: Option<&Limits>,
     spare: Option<Spare>,
     helper: &mut Option<Helper>,
 ) -> Result<Started, Error> {
@@ -472,8 +476,9 @@ fn start_inner(
                     return Err(setup("claim spare cgroup")(e));
                 }
                 network = attach_network(h.pid, spare.veth);
-                cg.apply(&spec.limits)
-                    .map_err(setup("apply cgroup limits"))?;
+                if let Some(limits) = limits {
+                    cg.apply(limits).map_err(setup("apply cgroup limits"))?;
+                }
                 delegate_if_nesting(spec, cg)?;
                 if let Some(m) = &spec.idmap {
                     namespaces::write_id_maps(h.pid, m)
@@ -484,8 +489,9 @@ fn start_inner(
             }
             None => {
                 cg.create().map_err(setup("create cgroup"))?;
-                cg.apply(&spec.limits)
-                    .map_err(setup("apply cgroup limits"))?;
+                if let Some(limits) = limits {
+                    cg.apply(limits).map_err(setup("apply cgroup limits"))?;
+                }
                 delegate_if_nesting(spec, cg)?;
                 let h = helper.insert(Helper::spawn(
                     namespaces::clone_flags(spec.idmap.is_some()),

@@ -106,38 +106,31 @@ impl V1Manager {
         }
     }
 
-    /// Creates each level of the path; new cpuset levels inherit cpus/mems from the parent
-    /// (they start empty, and an empty cpuset cannot hold tasks).
+    /// Creates the group, and any missing level above it, each configured before the
+    /// next is made: the kernel copies a new group's device rules (and, with
+    /// `cgroup.clone_children`, its cpus/mems) from its parent, so a start usually only
+    /// checks them; and a parent's device rules cannot change once it has children.
     fn create_in(&self, h: &Hierarchy) -> Result<()> {
-        let mut cur = h.mount_point.clone();
-        for comp in self.rel()?.components() {
-            let parent = cur.clone();
-            cur.push(comp);
-            match std::fs::create_dir(&cur) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(ctx(e, "mkdir", &cur)),
-            }
-            if h.has("cpuset") {
-                for f in ["cpuset.cpus", "cpuset.mems"] {
-                    let mine = util::read(&cur.join(f))?;
-                    if mine.trim().is_empty() {
-                        let theirs = util::read(&parent.join(f))?;
-                        util::write(&cur.join(f), theirs.trim())?;
+        let leaf = self.dir(h)?;
+        // Usually only the leaf is missing: one mkdir.
+        match std::fs::create_dir(&leaf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let mut cur = h.mount_point.clone();
+                for comp in self.rel()?.components() {
+                    cur.push(comp);
+                    match std::fs::create_dir(&cur) {
+                        Ok(()) if cur != leaf => configure_level(h, &cur, false)?,
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(ctx(e, "mkdir", &cur)),
                     }
                 }
             }
+            Err(e) => return Err(ctx(e, "mkdir", &leaf)),
         }
-        // In a delegated group (we are a nested daemon) only the host's root may write
-        // device rules; a new group inherits its parent's, which the host set.
-        if h.has("devices") && !util::in_user_namespace() {
-            let d = self.dir(h)?;
-            util::write(&d.join("devices.deny"), "a")?;
-            for rule in DEVICE_ALLOW {
-                util::write(&d.join("devices.allow"), rule)?;
-            }
-        }
-        Ok(())
+        configure_level(h, &leaf, true)
     }
 
     fn all_procs(&self) -> Result<Vec<i32>> {
@@ -170,6 +163,64 @@ impl V1Manager {
         }
         Ok(())
     }
+}
+
+/// Gives a group what it needs before it may hold tasks, unless it inherited that
+/// already: cpus/mems, and Docker's device rules. Levels above a leaf hand theirs down.
+fn configure_level(h: &Hierarchy, dir: &Path, leaf: bool) -> Result<()> {
+    if h.has("cpuset") {
+        inherit_cpuset(dir)?;
+        if !leaf {
+            util::write(&dir.join("cgroup.clone_children"), "1")?;
+        }
+    }
+    // In a delegated group (we are a nested daemon) only the host's root may write
+    // device rules; a new group inherits its parent's, which the host set.
+    if h.has("devices") && !util::in_user_namespace() {
+        restrict_devices(dir)?;
+    }
+    Ok(())
+}
+
+/// Copies cpus/mems from the parent into a cpuset group that has none.
+fn inherit_cpuset(dir: &Path) -> Result<()> {
+    let Some(parent) = dir.parent() else {
+        return Ok(());
+    };
+    for f in ["cpuset.cpus", "cpuset.mems"] {
+        if util::read(&dir.join(f))?.trim().is_empty() {
+            let theirs = util::read(&parent.join(f))?;
+            util::write(&dir.join(f), theirs.trim())?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives a devices group Docker's allow-list, unless it has exactly that already (a new
+/// group inherits its parent's list): one read instead of thirteen writes.
+fn restrict_devices(dir: &Path) -> Result<()> {
+    let list = util::read(&dir.join("devices.list"))?;
+    if has_device_rules(&list) {
+        return Ok(());
+    }
+    util::write(&dir.join("devices.deny"), "a")?;
+    for rule in DEVICE_ALLOW {
+        util::write(&dir.join("devices.allow"), rule)?;
+    }
+    Ok(())
+}
+
+/// Whether a `devices.list` holds exactly [`DEVICE_ALLOW`] (everything else denied).
+fn has_device_rules(list: &str) -> bool {
+    let mut have: Vec<&str> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut want = DEVICE_ALLOW.to_vec();
+    have.sort_unstable();
+    want.sort_unstable();
+    have == want
 }
 
 impl CgroupManager for V1Manager {
