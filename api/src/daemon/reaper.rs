@@ -117,7 +117,10 @@ fn is_adopted_zombie(status: &str, me: i32) -> bool {
     zombie && ours && nspids.len() > 1 && nspids.last() != Some(&"1")
 }
 
-/// Reaps adopted orphans whenever a child exits, and every few seconds.
+/// Reaps adopted orphans shortly after a child exits, and every few seconds. The scan
+/// reads every child's stat file: run after each SIGCHLD, it competed with the exits of
+/// back-to-back containers, which are nearly all reaped by their own waiters; orphans
+/// are rare and can wait a moment.
 pub fn spawn_orphan_reaper() {
     tokio::spawn(async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -126,6 +129,8 @@ pub fn spawn_orphan_reaper() {
         };
         loop {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), chld.recv()).await;
+            // SIGCHLDs meanwhile are one pending signal: the next round scans once for all.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             let _ = tokio::task::spawn_blocking(reap_adopted_orphans).await;
         }
     });
