@@ -7,6 +7,33 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// Statements through the connection's cache: each SQL text is parsed once, not at
+/// every call (SQLite's parser showed up in a `run --rm` profile).
+trait Cached {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn row<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn row<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        f: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
 pub struct Db {
     conn: Mutex<Connection>,
     /// Shared with the other daemons of this host (see [`IdRanges`]); `None`: this
@@ -205,6 +232,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(64);
         // One transaction: one commit for the whole schema.
         conn.execute_batch(&format!("BEGIN; {SCHEMA} COMMIT;"))
             .context("create schema")?;
@@ -245,7 +273,7 @@ impl Db {
     fn idmap_bases(&self) -> Result<Vec<u32>> {
         self.with(|c| {
             let mut stmt =
-                c.prepare("SELECT idmap_base FROM instances WHERE idmap_base IS NOT NULL")?;
+                c.prepare_cached("SELECT idmap_base FROM instances WHERE idmap_base IS NOT NULL")?;
             let bases = stmt.query_map([], |r| r.get(0))?;
             bases.collect()
         })
@@ -269,11 +297,11 @@ impl Db {
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
             // A taken name is a conflict whatever is left to allocate.
-            if tx.query_row("SELECT 1 FROM instances WHERE name = ?1", [&i.name], |_| Ok(())).optional()?.is_some() {
+            if tx.row("SELECT 1 FROM instances WHERE name = ?1", [&i.name], |_| Ok(())).optional()?.is_some() {
                 return Ok(Ok(None));
             }
             let base = if idmap {
-                let mut stmt = tx.prepare("SELECT idmap_base FROM instances WHERE idmap_base IS NOT NULL")?;
+                let mut stmt = tx.prepare_cached("SELECT idmap_base FROM instances WHERE idmap_base IS NOT NULL")?;
                 let mut used: Vec<u32> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
                 // The lowest range that no other daemon of the host has either.
                 loop {
@@ -289,7 +317,7 @@ impl Db {
             let address = match subnet {
                 None => None,
                 Some(subnet) => {
-                    let mut stmt = tx.prepare("SELECT address FROM instances WHERE address IS NOT NULL")?;
+                    let mut stmt = tx.prepare_cached("SELECT address FROM instances WHERE address IS NOT NULL")?;
                     let used: Vec<std::net::Ipv4Addr> = stmt
                         .query_map([], |r| r.get::<_, String>(0))?
                         .filter_map(|a| a.ok()?.parse().ok())
@@ -300,7 +328,7 @@ impl Db {
                     }
                 }
             };
-            let n = tx.execute(
+            let n = tx.exec(
                 "INSERT OR IGNORE INTO instances
                  (name, kind, image, image_fingerprint, parent, config, status, auto_remove, created_at, idmap_base, address)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -326,7 +354,7 @@ impl Db {
 
     pub fn instance(&self, name: &str) -> Result<Option<InstanceRow>> {
         self.with(|c| {
-            c.query_row(
+            c.row(
                 "SELECT * FROM instances WHERE name = ?1",
                 [name],
                 instance_from_row,
@@ -337,7 +365,7 @@ impl Db {
 
     pub fn instances(&self) -> Result<Vec<InstanceRow>> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT * FROM instances ORDER BY created_at, name")?;
+            let mut stmt = c.prepare_cached("SELECT * FROM instances ORDER BY created_at, name")?;
             let rows = stmt.query_map([], instance_from_row)?;
             rows.collect()
         })
@@ -345,7 +373,7 @@ impl Db {
 
     pub fn set_running(&self, name: &str, pid: i32, pid_start: u64) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.exec(
                 "UPDATE instances SET status = 'Running', pid = ?2, pid_start = ?3, exit_code = NULL WHERE name = ?1",
                 params![name, pid, pid_start as i64],
             )
@@ -355,7 +383,7 @@ impl Db {
 
     pub fn set_stopped(&self, name: &str, exit_code: Option<i32>) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.exec(
                 "UPDATE instances SET status = 'Stopped', pid = NULL, pid_start = NULL, exit_code = ?2 WHERE name = ?1",
                 params![name, exit_code],
             )
@@ -366,7 +394,7 @@ impl Db {
     pub fn set_config(&self, name: &str, config: &InstanceConfig) -> Result<()> {
         let config = serde_json::to_string(config)?;
         self.with(|c| {
-            c.execute(
+            c.exec(
                 "UPDATE instances SET config = ?2 WHERE name = ?1",
                 params![name, config],
             )
@@ -377,14 +405,14 @@ impl Db {
     pub fn delete_instance(&self, name: &str) -> Result<()> {
         let base: Option<u32> = self.with(|c| {
             let base = c
-                .query_row(
+                .row(
                     "SELECT idmap_base FROM instances WHERE name = ?1",
                     [name],
                     |r| r.get(0),
                 )
                 .optional()?
                 .flatten();
-            c.execute("DELETE FROM instances WHERE name = ?1", [name])?;
+            c.exec("DELETE FROM instances WHERE name = ?1", [name])?;
             Ok(base)
         })?;
         if let (Some(base), Some(ranges)) = (base, &self.id_ranges) {
@@ -395,7 +423,8 @@ impl Db {
 
     pub fn instances_using_image(&self, fingerprint: &str) -> Result<Vec<String>> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT name FROM instances WHERE image_fingerprint = ?1")?;
+            let mut stmt =
+                c.prepare_cached("SELECT name FROM instances WHERE image_fingerprint = ?1")?;
             let rows = stmt.query_map([fingerprint], |r| r.get(0))?;
             rows.collect()
         })
@@ -405,7 +434,7 @@ impl Db {
         let config = serde_json::to_string(&info.config)?;
         let created = now();
         self.with(|c| {
-            c.execute(
+            c.exec(
                 "INSERT INTO images (alias, fingerprint, size_bytes, source, config, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(alias) DO UPDATE SET fingerprint = excluded.fingerprint,
@@ -420,7 +449,7 @@ impl Db {
                     created
                 ],
             )?;
-            c.query_row(
+            c.row(
                 "SELECT * FROM images WHERE alias = ?1",
                 [alias],
                 image_from_row,
@@ -432,7 +461,7 @@ impl Db {
     pub fn image(&self, reference: &str) -> Result<Option<Image>> {
         self.with(|c| {
             if let Some(img) = c
-                .query_row(
+                .row(
                     "SELECT * FROM images WHERE alias = ?1",
                     [reference],
                     image_from_row,
@@ -445,8 +474,9 @@ impl Db {
                 return Ok(None);
             }
             // Several aliases may name one image: the prefix must pick one fingerprint.
-            let mut stmt =
-                c.prepare("SELECT * FROM images WHERE fingerprint LIKE ?1 || '%' ORDER BY alias")?;
+            let mut stmt = c.prepare_cached(
+                "SELECT * FROM images WHERE fingerprint LIKE ?1 || '%' ORDER BY alias",
+            )?;
             let found: Vec<Image> = stmt
                 .query_map([reference], image_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
@@ -463,7 +493,7 @@ impl Db {
 
     pub fn images(&self) -> Result<Vec<Image>> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT * FROM images ORDER BY alias")?;
+            let mut stmt = c.prepare_cached("SELECT * FROM images ORDER BY alias")?;
             let rows = stmt.query_map([], image_from_row)?;
             rows.collect()
         })
@@ -472,8 +502,8 @@ impl Db {
     /// Removes the alias; returns whether another alias still points at the fingerprint.
     pub fn delete_image(&self, alias: &str, fingerprint: &str) -> Result<bool> {
         self.with(|c| {
-            c.execute("DELETE FROM images WHERE alias = ?1", [alias])?;
-            let others: i64 = c.query_row(
+            c.exec("DELETE FROM images WHERE alias = ?1", [alias])?;
+            let others: i64 = c.row(
                 "SELECT COUNT(*) FROM images WHERE fingerprint = ?1",
                 [fingerprint],
                 |r| r.get(0),
@@ -485,7 +515,7 @@ impl Db {
     pub fn begin_operation(&self, action: &str, target: &str) -> Result<i64> {
         let t = now();
         self.with(|c| {
-            c.execute(
+            c.exec(
                 "INSERT INTO operations (action, target, status, created_at, updated_at) VALUES (?1, ?2, 'running', ?3, ?3)",
                 params![action, target, t],
             )?;
@@ -500,7 +530,7 @@ impl Db {
             "success"
         };
         self.with(|c| {
-            c.execute(
+            c.exec(
                 "UPDATE operations SET status = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
                 params![id, status, error, now()],
             )
@@ -511,7 +541,7 @@ impl Db {
     /// Operations left `running` by a daemon that died are marked failed at start-up.
     pub fn fail_interrupted_operations(&self) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            c.exec(
                 "UPDATE operations SET status = 'failure', error = 'interrupted by a daemon restart', updated_at = ?1 WHERE status = 'running'",
                 [now()],
             )
@@ -521,7 +551,8 @@ impl Db {
 
     pub fn operations(&self, limit: u32) -> Result<Vec<Operation>> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT * FROM operations ORDER BY id DESC LIMIT ?1")?;
+            let mut stmt =
+                c.prepare_cached("SELECT * FROM operations ORDER BY id DESC LIMIT ?1")?;
             let rows = stmt.query_map([limit], |r| {
                 Ok(Operation {
                     id: r.get("id")?,
