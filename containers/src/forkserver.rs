@@ -181,6 +181,8 @@ fn request(
 
 /// The server's loop, in the re-executed binary; exits when the daemon's end closes.
 pub(crate) fn serve() -> ! {
+    // Once here rather than in every helper, which inherits them.
+    crate::security::precompile();
     loop {
         let (words, mut fds) = match receive() {
             Ok(Some(r)) => r,

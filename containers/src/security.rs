@@ -236,7 +236,35 @@ fn nesting_denied_syscalls() -> Vec<i64> {
 
 /// The profile's filters, compiled; all must be installed and the kernel applies the
 /// strictest result. Built early so a failure shows up before the container is set up.
+/// Compiled once per process: the fork server compiles them before it clones any
+/// helper (see [`precompile`]), so the helpers find them made.
 pub fn seccomp(profile: Profile) -> Result<Vec<BpfProgram>, Error> {
+    static COMPILED: [std::sync::OnceLock<Result<Vec<BpfProgram>, String>>; 3] =
+        [const { std::sync::OnceLock::new() }; 3];
+    let slot = match profile {
+        Profile::Default => 0,
+        Profile::SystemInit => 1,
+        Profile::Nesting => 2,
+    };
+    COMPILED[slot]
+        .get_or_init(|| {
+            compile(profile).map_err(|e| match e {
+                Error::SeccompBuild(why) => why,
+                other => other.to_string(),
+            })
+        })
+        .clone()
+        .map_err(Error::SeccompBuild)
+}
+
+/// Compiles every profile's filters ahead of the first container.
+pub fn precompile() {
+    for p in [Profile::Default, Profile::SystemInit, Profile::Nesting] {
+        let _ = seccomp(p);
+    }
+}
+
+fn compile(profile: Profile) -> Result<Vec<BpfProgram>, Error> {
     match profile {
         Profile::Default => default_seccomp(&[]),
         Profile::SystemInit => default_seccomp(&[libc::SYS_reboot]),
@@ -258,14 +286,36 @@ pub fn seccomp(profile: Profile) -> Result<Vec<BpfProgram>, Error> {
     }
 }
 
-/// One unconditional rule per syscall, under both the x86_64 and x32 numbers.
+/// One unconditional rule per syscall, under its x86_64 number and, where the kernel runs
+/// x32 programs, its x32 one.
 fn deny_all(rules: &mut BTreeMap<i64, Vec<SeccompRule>>, syscalls: Vec<i64>) {
+    let x32 = x32_abi_enabled();
     for nr in syscalls {
         rules.insert(nr, vec![]);
         // The x32 ABI reaches the same syscalls with bit 30 set, under the x86_64 audit arch.
-        #[cfg(target_arch = "x86_64")]
-        rules.insert(nr | 0x4000_0000, vec![]);
+        if x32 {
+            rules.insert(nr | X32_SYSCALL_BIT, vec![]);
+        }
     }
+}
+
+const X32_SYSCALL_BIT: i64 = 0x4000_0000;
+
+/// Whether this kernel runs x32 system calls (most do not: not built in, or off by
+/// default as on Debian). Where it does not, an x32 number fails with ENOSYS whatever a
+/// filter says, and leaving those numbers out halves the filter, which the kernel
+/// checks, JIT-compiles and runs once per syscall number at every container start.
+fn x32_abi_enabled() -> bool {
+    if !cfg!(target_arch = "x86_64") {
+        return false;
+    }
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        // SAFETY: getpid under its x32 number: no arguments, no side effects.
+        let r = unsafe { libc::syscall(X32_SYSCALL_BIT | libc::SYS_getpid) };
+        // Anything but ENOSYS (a pid, or an outer filter's refusal): keep the x32 rules.
+        !(r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS))
+    })
 }
 
 /// Docker's filter, but for the syscalls in `allow`.
@@ -330,6 +380,32 @@ mod tests {
         let n = seccomp(Profile::Nesting).unwrap();
         assert_eq!(n.len(), 1);
         assert!(n[0].len() < f[0].len());
+    }
+
+    #[test]
+    fn default_filter_refuses_a_denied_syscall_under_both_numbers() {
+        let filters = seccomp(Profile::Default).unwrap();
+        // SAFETY: the child makes system calls only (no allocation) and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let refused = |nr: i64| {
+                // SAFETY: unshare(0) changes nothing even where it is allowed.
+                let r = unsafe { libc::syscall(nr, 0) };
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                r == -1 && matches!(errno, Some(libc::EPERM) | Some(libc::ENOSYS))
+            };
+            let ok = set_no_new_privs().is_ok()
+                && install_seccomp(&filters).is_ok()
+                && refused(libc::SYS_unshare)
+                && refused(X32_SYSCALL_BIT | libc::SYS_unshare);
+            // SAFETY: leaving the forked child without running the test harness's code.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
     }
 
     #[test]
