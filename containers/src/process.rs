@@ -727,6 +727,11 @@ impl Pool {
         self.userns
     }
 
+    /// Whether the spares come with a veth (for bridged containers only).
+    pub fn veths(&self) -> bool {
+        self.veths
+    }
+
     fn take_for(&self, spec: &ContainerSpec) -> Option<Spare> {
         let parent = spec
             .cgroup

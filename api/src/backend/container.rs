@@ -142,15 +142,21 @@ impl ContainerBackend {
             // the host was busy.
             process::set_setup_timeout(std::time::Duration::from_secs(300));
         }
-        // Most containers are unprivileged: that pool gets the size, the other one spare.
-        // With a bridge, spares come with their veth made.
-        let pools = [(true, pool_size), (false, pool_size.min(1))]
-            .into_iter()
-            .filter_map(|(userns, size)| {
-                process::Pool::new(&cgroup_root, size, userns, bridge.is_some())
-            })
-            .map(Arc::new)
-            .collect();
+        // Most containers are unprivileged: that pool gets the size, the others one spare
+        // each. With a bridge, spares come with their veth made, and those of two more
+        // pools without, for `--network none`.
+        let bridged = bridge.is_some();
+        let unbridged = if bridged { pool_size.min(1) } else { 0 };
+        let pools = [
+            (true, bridged, pool_size),
+            (false, bridged, pool_size.min(1)),
+            (true, false, unbridged),
+            (false, false, unbridged),
+        ]
+        .into_iter()
+        .filter_map(|(userns, veths, size)| process::Pool::new(&cgroup_root, size, userns, veths))
+        .map(Arc::new)
+        .collect();
         let backend = ContainerBackend {
             instances_dir,
             images,
@@ -176,7 +182,11 @@ impl ContainerBackend {
 
     fn pool_for(&self, instance: &Instance) -> Option<Arc<process::Pool>> {
         let userns = instance.idmap_base.is_some();
-        self.pools.iter().find(|p| p.userns() == userns).cloned()
+        let veth = self.bridge.is_some() && self.wants_address(instance);
+        self.pools
+            .iter()
+            .find(|p| p.userns() == userns && p.veths() == veth)
+            .cloned()
     }
 
     fn refill(&self, pool: Arc<process::Pool>) {
