@@ -976,8 +976,15 @@ pub fn proc_start_time(pid: i32) -> Option<u64> {
     if pid <= 0 {
         return None;
     }
-    let s = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&String::from_utf8_lossy(&s))
+    // One read: the file is well under a page, and std's read-to-end grows its buffer
+    // from 32 bytes (six reads), on every start and exec.
+    let mut buf = [0u8; 1024];
+    let n = std::io::Read::read(
+        &mut std::fs::File::open(format!("/proc/{pid}/stat")).ok()?,
+        &mut buf,
+    )
+    .ok()?;
+    parse_start_time(&String::from_utf8_lossy(&buf[..n]))
 }
 
 /// comm (field 2) may hold spaces and parens: fields resume after the LAST ')'.
