@@ -418,6 +418,26 @@ mod tests {
     }
 
     #[test]
+    fn device_rules_are_recognised_in_the_kernels_listing() {
+        // devices.list of a group that inherited the rules, in the kernel's order.
+        let inherited = DEVICE_ALLOW
+            .iter()
+            .rev()
+            .fold(String::new(), |s, r| s + r + "\n");
+        assert!(has_device_rules(&inherited));
+        assert!(
+            !has_device_rules("a *:* rwm\n"),
+            "a new root group allows all"
+        );
+        assert!(
+            !has_device_rules(""),
+            "nothing allowed is not the list either"
+        );
+        let one_more = format!("{inherited}c 10:229 rwm\n");
+        assert!(!has_device_rules(&one_more));
+    }
+
+    #[test]
     fn bad_path_fails_cleanly() {
         let m = V1Manager::new(vec![], "../escape");
         assert_eq!(m.create().unwrap_err().kind(), ErrorKind::InvalidInput);
