@@ -120,11 +120,14 @@ impl V1Manager {
                 let mut cur = h.mount_point.clone();
                 for comp in self.rel()?.components() {
                     cur.push(comp);
-                    match std::fs::create_dir(&cur) {
-                        Ok(()) if cur != leaf => configure_level(h, &cur, false)?,
-                        Ok(()) => {}
-                        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                        Err(e) => return Err(ctx(e, "mkdir", &cur)),
+                    if cur == leaf {
+                        match std::fs::create_dir(&cur) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                            Err(e) => return Err(ctx(e, "mkdir", &cur)),
+                        }
+                    } else if !cur.is_dir() {
+                        publish_level(h, &cur)?;
                     }
                 }
             }
@@ -165,11 +168,33 @@ impl V1Manager {
     }
 }
 
+/// Makes a missing level above a leaf: configured under a temporary name, then renamed
+/// into place, so that no group made below it (by another thread refilling spares, or
+/// another daemon) ever sees it half configured. Losing the race to another maker is fine.
+fn publish_level(h: &Hierarchy, dir: &Path) -> Result<()> {
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.with_file_name(format!(".{name}.new-{}-{n}", std::process::id()));
+    std::fs::create_dir(&tmp).map_err(|e| ctx(e, "mkdir", &tmp))?;
+    let placed = configure_level(h, &tmp, false).and_then(|()| {
+        std::fs::rename(&tmp, dir).or_else(|e| match e.raw_os_error() {
+            Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => Ok(()),
+            _ => Err(ctx(e, "rename to", dir)),
+        })
+    });
+    // Still there when it lost the race or failed.
+    let _ = std::fs::remove_dir(&tmp);
+    placed
+}
+
 /// Gives a group what it needs before it may hold tasks, unless it inherited that
 /// already: cpus/mems, and Docker's device rules. Levels above a leaf hand theirs down.
+/// Other threads may be making sibling groups at the same time (the spare pools refill
+/// in parallel): a leaf makes sure of its own settings whatever its parent got.
 fn configure_level(h: &Hierarchy, dir: &Path, leaf: bool) -> Result<()> {
     if h.has("cpuset") {
-        inherit_cpuset(dir)?;
+        inherit_cpuset(&h.mount_point, dir)?;
         if !leaf {
             util::write(&dir.join("cgroup.clone_children"), "1")?;
         }
@@ -177,19 +202,29 @@ fn configure_level(h: &Hierarchy, dir: &Path, leaf: bool) -> Result<()> {
     // In a delegated group (we are a nested daemon) only the host's root may write
     // device rules; a new group inherits its parent's, which the host set.
     if h.has("devices") && !util::in_user_namespace() {
-        restrict_devices(dir)?;
+        match restrict_devices(dir) {
+            // A level above that got a child meanwhile keeps its rules (the kernel
+            // refuses to change them now); the child sets its own.
+            Err(_) if !leaf => {}
+            r => r?,
+        }
     }
     Ok(())
 }
 
-/// Copies cpus/mems from the parent into a cpuset group that has none.
-fn inherit_cpuset(dir: &Path) -> Result<()> {
-    let Some(parent) = dir.parent() else {
+/// Copies cpus/mems from the parent into a cpuset group that has none, filling an empty
+/// parent first (one that another thread made and has not filled yet).
+fn inherit_cpuset(root: &Path, dir: &Path) -> Result<()> {
+    let Some(parent) = dir.parent().filter(|p| p.starts_with(root)) else {
         return Ok(());
     };
     for f in ["cpuset.cpus", "cpuset.mems"] {
         if util::read(&dir.join(f))?.trim().is_empty() {
-            let theirs = util::read(&parent.join(f))?;
+            let mut theirs = util::read(&parent.join(f))?;
+            if theirs.trim().is_empty() {
+                inherit_cpuset(root, parent)?;
+                theirs = util::read(&parent.join(f))?;
+            }
             util::write(&dir.join(f), theirs.trim())?;
         }
     }
@@ -415,6 +450,31 @@ mod tests {
         assert_eq!(rd("cpu/ltv/x/cpu.cfs_period_us"), "100000");
         assert_eq!(rd("pids/ltv/x/pids.max"), "max");
         assert!(m.exists());
+    }
+
+    #[test]
+    fn an_empty_cpuset_parent_is_filled_before_its_child() {
+        // Another thread made `a` and has not filled it yet when `a/b` is configured.
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        for (dir, value) in [("", "0-1"), ("a", ""), ("a/b", "")] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+            std::fs::write(root.join(dir).join("cpuset.cpus"), value).unwrap();
+            std::fs::write(
+                root.join(dir).join("cpuset.mems"),
+                if value.is_empty() { "" } else { "0" },
+            )
+            .unwrap();
+        }
+        inherit_cpuset(root, &root.join("a/b")).unwrap();
+        for dir in ["a", "a/b"] {
+            let read = |f: &str| std::fs::read_to_string(root.join(dir).join(f)).unwrap();
+            assert_eq!(
+                (read("cpuset.cpus"), read("cpuset.mems")),
+                ("0-1".into(), "0".into()),
+                "{dir}"
+            );
+        }
     }
 
     #[test]
