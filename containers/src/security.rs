@@ -311,10 +311,32 @@ fn x32_abi_enabled() -> bool {
     }
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| {
-        // SAFETY: getpid under its x32 number: no arguments, no side effects.
-        let r = unsafe { libc::syscall(X32_SYSCALL_BIT | libc::SYS_getpid) };
-        // Anything but ENOSYS (a pid, or an outer filter's refusal): keep the x32 rules.
-        !(r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS))
+        // Tried in a child: a filter above us (systemd's SystemCallArchitectures=, say)
+        // may kill the caller of a foreign-ABI system call.
+        // SAFETY: the child makes two system calls and _exits; the parent reaps it.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: getpid under its x32 number: no arguments, no side effects.
+            let r = unsafe { libc::syscall(X32_SYSCALL_BIT | libc::SYS_getpid) };
+            let enosys =
+                r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS);
+            // SAFETY: leaving the child at once.
+            unsafe { libc::_exit(if enosys { 0 } else { 1 }) };
+        }
+        if pid < 0 {
+            return true;
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+            return true;
+        }
+        // ENOSYS, or killed for trying: no x32 call reaches the kernel from here or from
+        // any container below us (filters are inherited). Anything else (a pid, an outer
+        // filter's refusal): keep the x32 rules.
+        let unreachable = (libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+            || (libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
+        !unreachable
     })
 }
 
