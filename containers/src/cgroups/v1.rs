@@ -113,25 +113,20 @@ impl V1Manager {
     fn create_in(&self, h: &Hierarchy) -> Result<()> {
         let leaf = self.dir(h)?;
         // Usually only the leaf is missing: one mkdir.
-        match std::fs::create_dir(&leaf) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                let mut cur = h.mount_point.clone();
-                for comp in self.rel()?.components() {
-                    cur.push(comp);
-                    if cur == leaf {
-                        match std::fs::create_dir(&cur) {
-                            Ok(()) => {}
-                            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                            Err(e) => return Err(ctx(e, "mkdir", &cur)),
-                        }
-                    } else if !cur.is_dir() {
-                        publish_level(h, &cur)?;
-                    }
-                }
+        if let Err(e) = make_dir(&leaf) {
+            if e.kind() != ErrorKind::NotFound {
+                return Err(e);
             }
-            Err(e) => return Err(ctx(e, "mkdir", &leaf)),
+            let mut above: Vec<&Path> = leaf
+                .ancestors()
+                .skip(1)
+                .take_while(|p| *p != h.mount_point)
+                .collect();
+            above.reverse();
+            for dir in above.into_iter().filter(|d| !d.is_dir()) {
+                publish_level(h, dir)?;
+            }
+            make_dir(&leaf)?;
         }
         configure_level(h, &leaf, true)
     }
@@ -165,6 +160,14 @@ impl V1Manager {
             }
         }
         Ok(())
+    }
+}
+
+/// mkdir, where a directory that is there already is fine.
+fn make_dir(dir: &Path) -> Result<()> {
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(ctx(e, "mkdir", dir)),
+        _ => Ok(()),
     }
 }
 
