@@ -127,8 +127,10 @@ impl ContainerBackend {
         bridge: Option<BridgeConfig>,
         bundle_cache: PathBuf,
     ) -> Self {
-        // Spares a previous daemon left behind are not ours to claim.
+        // Spares a previous daemon left behind are not ours to claim, and the groups it
+        // died making are nobody's.
         process::remove_stale_spares(&cgroup_root);
+        cgroups::remove_unpublished_levels(&cgroup_root);
         // Before the spares, which it clones. Like them, it costs a process up front,
         // which a guest whose kernel is emulated (pool 0) would rather not pay at boot.
         if pool_size > 0 {

@@ -137,6 +137,14 @@ pub fn cpu_quota_us(cpus: f64, period_us: u64) -> Option<u64> {
 }
 
 /// Checks that a cgroup path is relative and stays inside the hierarchy.
+/// Removes the levels above `root`'s groups that a daemon which died while making them
+/// left under temporary names (v1 only makes them so).
+pub fn remove_unpublished_levels(root: &str) {
+    if let Ok(mounts) = mountinfo::read_self() {
+        v1::remove_unpublished_levels(&v1::hierarchies(&mounts), root);
+    }
+}
+
 pub fn validate_path(path: &str) -> std::io::Result<std::path::PathBuf> {
     use std::path::Component;
     let p = std::path::Path::new(path);

@@ -191,6 +191,37 @@ fn publish_level(h: &Hierarchy, dir: &Path) -> Result<()> {
     placed
 }
 
+/// Removes the groups that a daemon which died inside `publish_level` left under their
+/// temporary names on the way to `path` (and in it). They hold no tasks: one rmdir each.
+pub fn remove_unpublished_levels(hierarchies: &[Hierarchy], path: &str) {
+    let Ok(rel) = super::validate_path(path) else {
+        return;
+    };
+    for h in hierarchies {
+        let levels = rel.ancestors().map(|r| h.mount_point.join(r));
+        for entry in levels
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name();
+            if maker_of_unpublished(&name.to_string_lossy())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
+/// The pid in `publish_level`'s temporary name `.<name>.new-<pid>-<n>`.
+fn maker_of_unpublished(name: &str) -> Option<u32> {
+    let (_, made_by) = name.strip_prefix('.')?.rsplit_once(".new-")?;
+    let (pid, n) = made_by.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
 /// Gives a group what it needs before it may hold tasks, unless it inherited that
 /// already: cpus/mems, and Docker's device rules. Levels above a leaf hand theirs down.
 /// Other threads may be making sibling groups at the same time (the spare pools refill
@@ -419,6 +450,30 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].controllers, vec!["cpu", "cpuacct"]);
         assert_eq!(h[1].mount_point, PathBuf::from("/sys/fs/cgroup/pids"));
+    }
+
+    #[test]
+    fn removes_levels_that_a_dead_daemon_left_unpublished() {
+        let t = tempfile::tempdir().unwrap();
+        let h = Hierarchy {
+            mount_point: t.path().to_path_buf(),
+            controllers: vec!["pids".into()],
+        };
+        // pid_max is at most 2^22: no process has this pid.
+        let dead = t.path().join(".ltv.new-999999999-3");
+        let nested_dead = t.path().join("ltv/.sys1.new-999999999-0");
+        let ours = t.path().join(format!(".ltv.new-{}-0", std::process::id()));
+        let unrelated = [t.path().join("ltv/.spare-1"), t.path().join("ltv/.x.new-y")];
+        for d in [&dead, &nested_dead, &ours].into_iter().chain(&unrelated) {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        remove_unpublished_levels(&[h], "ltv/sys1/app1");
+        assert!(!dead.exists() && !nested_dead.exists());
+        assert!(ours.exists(), "a live maker's level is its own business");
+        assert!(unrelated.iter().all(|d| d.exists()));
+        assert_eq!(maker_of_unpublished(".ltv.new-12-0"), Some(12));
+        assert_eq!(maker_of_unpublished(".a.new-b.new-7-1"), Some(7));
+        assert_eq!(maker_of_unpublished("ltv.new-12-0"), None);
     }
 
     #[test]
