@@ -91,7 +91,10 @@ fn setup(stage: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 enum InitMsg {
     /// Comes with the rootfs as a detached mount (after the stdio fds), which the helper
     /// attaches in its own mount namespace: the host's mount table never holds it.
-    Start { spec: ContainerSpec },
+    Start {
+        spec: ContainerSpec,
+        cgroup_mounts: rootfs::CgroupMounts,
+    },
     Exec {
         spec: ContainerSpec,
         init_pid: i32,
@@ -518,8 +521,9 @@ fn start_inner(
             None => None,
         };
         let idmap = spec.idmap.as_ref().zip(userns.as_ref().map(|f| f.as_fd()));
-        let rootfs_mount =
+        let rootfs =
             rootfs::detached_overlay(&spec.rootfs, idmap).map_err(setup("mount rootfs"))?;
+        let cgroup_mounts = rootfs::CgroupMounts::detect().map_err(setup("read mountinfo"))?;
         let start_time = proc_start_time(h.pid)
             .ok_or_else(|| Error::Init(format!("container init (pid {}) vanished", h.pid)))?;
         // Before the container runs anything: its first process sees eth0 up. The veth
@@ -533,8 +537,13 @@ fn start_inner(
             ),
             None => None,
         };
-        let msg = InitMsg::Start { spec: spec.clone() };
-        h.send(&msg, stdio, std::slice::from_ref(&rootfs_mount))?;
+        let msg = InitMsg::Start {
+            spec: spec.clone(),
+            cgroup_mounts,
+        };
+        h.send(&msg, stdio, std::slice::from_ref(&rootfs.mount))?;
+        // While the helper sets up the container.
+        drop(rootfs.layers);
         h.wait_status()?;
         Ok(Started {
             pid: h.pid,
@@ -1114,7 +1123,10 @@ pub(crate) fn helper_main(moves: RawFd) -> ! {
     let r = std::panic::catch_unwind(|| {
         let (msg, extra) = helper_prologue(moves)?;
         match msg {
-            InitMsg::Start { spec } => init_start(&spec, extra.first()),
+            InitMsg::Start {
+                spec,
+                cgroup_mounts,
+            } => init_start(&spec, &cgroup_mounts, extra.first()),
             InitMsg::Exec {
                 spec,
                 init_pid,
@@ -1233,11 +1245,11 @@ fn receive_message() -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
 
 fn init_start(
     spec: &ContainerSpec,
+    cg_mounts: &rootfs::CgroupMounts,
     rootfs_mount: Option<&OwnedFd>,
 ) -> InitResult<std::convert::Infallible> {
     // Built first: a filter that cannot compile must fail before anything else.
     let filters = security::seccomp(spec.profile()).map_err(|e| ("seccomp", e))?;
-    let cg_mounts = rootfs::CgroupMounts::detect().map_err(|e| ("rootfs", e))?;
     namespaces::unshare_cgroup().map_err(|e| ("unshare cgroup namespace", e))?;
     nix::unistd::sethostname(&spec.hostname)
         .map_err(|e| ("set hostname", std::io::Error::from(e)))?;
@@ -1253,7 +1265,7 @@ fn init_start(
     rootfs::make_private().map_err(|e| ("rootfs", e))?;
     rootfs::attach_detached(rootfs_mount, &spec.rootfs.mountpoint)
         .map_err(|e| ("mount rootfs", e))?;
-    rootfs::setup(&spec.rootfs.mountpoint, spec, &cg_mounts).map_err(|e| ("rootfs", e))?;
+    rootfs::setup(&spec.rootfs.mountpoint, spec, cg_mounts).map_err(|e| ("rootfs", e))?;
     session(spec.process.tty)?;
     finish_and_exec(&spec.process, spec.profile(), &filters)
 }

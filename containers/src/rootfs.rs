@@ -69,7 +69,7 @@ pub fn validate(spec: &RootfsSpec) -> std::result::Result<(), String> {
 pub fn detached_overlay(
     spec: &RootfsSpec,
     idmap: Option<(&IdMap, BorrowedFd<'_>)>,
-) -> Result<OwnedFd> {
+) -> Result<DetachedRootfs> {
     use std::os::fd::AsRawFd;
     for d in [&spec.upperdir, &spec.workdir, &spec.mountpoint] {
         std::fs::create_dir_all(d).map_err(|e| err(format!("create {}", d.display()), e))?;
@@ -82,7 +82,10 @@ pub fn detached_overlay(
             .iter()
             .map(|p| p.display().to_string())
             .collect();
-        return overlay_from(&lower, spec);
+        return overlay_from(&lower, spec).map(|mount| DetachedRootfs {
+            mount,
+            layers: vec![],
+        });
     };
     std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
         .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
@@ -107,10 +110,26 @@ pub fn detached_overlay(
                 );
                 DETACHED_LAYERS_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            other => return other,
+            other => {
+                return other.map(|mount| DetachedRootfs {
+                    mount,
+                    layers: layer_fds,
+                })
+            }
         }
     }
-    overlay_on_attached_layers(&layer_fds, spec)
+    overlay_on_attached_layers(&layer_fds, spec).map(|mount| DetachedRootfs {
+        mount,
+        layers: layer_fds,
+    })
+}
+
+/// A rootfs from [`detached_overlay`]: the overlay, and the idmapped layer clones it was
+/// made from (the overlay holds its own references). Closing a clone unmounts it, 0.3 ms
+/// here: a start drops them once the container has its rootfs, not on the way there.
+pub struct DetachedRootfs {
+    pub mount: OwnedFd,
+    pub layers: Vec<OwnedFd>,
 }
 
 /// Kernels before 6.15 refuse detached mounts as overlay layers (clone_private_mount
@@ -541,8 +560,10 @@ fn remount_bind_adding(p: &Path, extra: MsFlags) -> Result<()> {
     mnt(None, p, None, flags, None)
 }
 
-/// The host's cgroup mounts, captured before the helper enters its cgroup namespace
-/// (inside it, mountinfo shows the host hierarchies with non-`/` roots).
+/// The host's cgroup mounts, which the container's view of its own group copies. Read by
+/// the parent, from its kept mount table: a helper would read it anew (its mount namespace
+/// is new), and inside its cgroup namespace it shows roots other than `/`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CgroupMounts {
     v2: bool,
     /// v1: (directory name, exact superblock options) per hierarchy.
