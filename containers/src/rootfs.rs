@@ -126,7 +126,7 @@ pub fn detached_overlay(
 
 /// A rootfs from [`detached_overlay`]: the overlay, and the idmapped layer clones it was
 /// made from (the overlay holds its own references). Closing a clone unmounts it, 0.3 ms
-/// here: a start drops them once the container has its rootfs, not on the way there.
+/// here: a start drops them once the helper has been sent the rootfs, not on the way.
 pub struct DetachedRootfs {
     pub mount: OwnedFd,
     pub layers: Vec<OwnedFd>,

@@ -136,7 +136,6 @@ pub fn cpu_quota_us(cpus: f64, period_us: u64) -> Option<u64> {
     })
 }
 
-/// Checks that a cgroup path is relative and stays inside the hierarchy.
 /// Removes the levels above `root`'s groups that a daemon which died while making them
 /// left under temporary names (v1 only makes them so).
 pub fn remove_unpublished_levels(root: &str) {
@@ -145,6 +144,7 @@ pub fn remove_unpublished_levels(root: &str) {
     }
 }
 
+/// Checks that a cgroup path is relative and stays inside the hierarchy.
 pub fn validate_path(path: &str) -> std::io::Result<std::path::PathBuf> {
     use std::path::Component;
     let p = std::path::Path::new(path);
