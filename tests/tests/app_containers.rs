@@ -61,6 +61,8 @@ fn run_foreground_isolation_and_exit_code() {
         "run", "--rm", "--name", "iso", "busybox", "--", "sh", "-c",
         "hostname; echo pid=$$; ls /proc | grep -c '^[0-9]'; cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' '; \
          grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; ls /dev; touch /sys/x 2>/dev/null || echo sys-ro; \
+         echo keys=$(wc -c < /proc/keys); awk '$5 == \"/proc/sys\" { print \"proc-sys-\" $6 }' /proc/self/mountinfo; \
+         echo cgroup-entries=$(ls /sys/fs/cgroup | wc -l); \
          grep ' / ' /proc/self/mountinfo | grep -c overlay; exit 42",
     ]);
     let text = stdout(&out);
@@ -88,6 +90,16 @@ fn run_foreground_isolation_and_exit_code() {
         assert!(lines.contains(&dev), "/dev/{dev} missing: {text}");
     }
     assert!(text.contains("sys-ro"), "/sys must be read-only: {text}");
+    // Docker's masked and read-only /proc paths.
+    assert!(lines.contains(&"keys=0"), "/proc/keys is masked: {text}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("proc-sys-ro,")),
+        "/proc/sys is mounted read-only: {text}"
+    );
+    assert!(
+        !lines.contains(&"cgroup-entries=0"),
+        "the container sees its cgroup: {text}"
+    );
     assert_eq!(lines.last(), Some(&"1"), "rootfs is an overlay: {text}");
     d.assert_no_leftovers("iso");
     assert_eq!(
