@@ -413,6 +413,7 @@ pub fn start(spec: &ContainerSpec, stdio: Stdio, pool: Option<&Pool>) -> Result<
     }
     let mut helper: Option<Helper> = None;
     let spare = pool.and_then(|p| p.take_for(spec));
+    tracing::debug!(container = %spec.name, spare = spare.is_some(), "helper");
     // A new group has no limits: without any to set, there is nothing to write.
     let limits = (existed || spec.limits != Limits::default()).then_some(&spec.limits);
     let r = start_inner(spec, stdio, cg.as_ref(), limits, spare, &mut helper);
