@@ -239,9 +239,13 @@ pub async fn serve(
             }
         });
     }
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped(stop_rx))
-        .await;
+    // Served from a worker thread, not the one in `block_on`: each connection's task then
+    // starts on the worker that accepted it instead of waking another thread.
+    let serving = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx));
+    let result = match tokio::spawn(std::future::IntoFuture::into_future(serving)).await {
+        Ok(r) => r,
+        Err(e) => Err(std::io::Error::other(e)),
+    };
     let _ = std::fs::remove_file(&config.socket);
     for backend in daemon.backends.values() {
         backend.shutdown().await;
