@@ -1250,7 +1250,7 @@ fn init_start(
     rootfs_mount: Option<&OwnedFd>,
 ) -> InitResult<std::convert::Infallible> {
     // Built first: a filter that cannot compile must fail before anything else.
-    let filters = security::seccomp(spec.profile()).map_err(|e| ("seccomp", e))?;
+    let filter = security::seccomp(spec.profile()).map_err(|e| ("seccomp", e))?;
     namespaces::unshare_cgroup().map_err(|e| ("unshare cgroup namespace", e))?;
     nix::unistd::sethostname(&spec.hostname)
         .map_err(|e| ("set hostname", std::io::Error::from(e)))?;
@@ -1268,7 +1268,7 @@ fn init_start(
         .map_err(|e| ("mount rootfs", e))?;
     rootfs::setup(&spec.rootfs.mountpoint, spec, cg_mounts).map_err(|e| ("rootfs", e))?;
     session(spec.process.tty)?;
-    finish_and_exec(&spec.process, spec.profile(), &filters)
+    finish_and_exec(&spec.process, spec.profile(), &filter)
 }
 
 fn session(tty: bool) -> InitResult<()> {
@@ -1286,7 +1286,7 @@ fn session(tty: bool) -> InitResult<()> {
 fn finish_and_exec(
     p: &ProcessSpec,
     profile: security::Profile,
-    filters: &[seccompiler::BpfProgram],
+    filter: &seccompiler::BpfProgram,
 ) -> InitResult<std::convert::Infallible> {
     let cwd = rootfs::ensure_dir(&p.cwd).map_err(|e| ("working directory", e))?;
     let argv: Vec<CString> = p
@@ -1329,7 +1329,7 @@ fn finish_and_exec(
 
     security::set_no_new_privs().map_err(|e| ("no_new_privs", e))?;
     reset_signals();
-    security::install_seccomp(filters).map_err(|e| ("seccomp", e))?;
+    security::install_seccomp(filter).map_err(|e| ("seccomp", e))?;
     // SAFETY: NUL-terminated pointer arrays over live CStrings.
     unsafe { libc::execve(cpath.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
     let e = std::io::Error::last_os_error();
@@ -1363,7 +1363,7 @@ fn init_exec(
     init_pid: i32,
     p: &ProcessSpec,
 ) -> InitResult<std::convert::Infallible> {
-    let filters = security::seccomp(spec.profile()).map_err(|e| ("seccomp", e))?;
+    let filter = security::seccomp(spec.profile()).map_err(|e| ("seccomp", e))?;
     let ns = namespaces::open_namespaces(init_pid, spec.idmap.is_some())
         .map_err(|e| ("container namespaces", e))?;
     for (kind, fd) in &ns {
@@ -1389,7 +1389,7 @@ fn init_exec(
         return Err(("fork", std::io::Error::last_os_error()).into());
     }
     if child == 0 {
-        let r = session(p.tty).and_then(|_| finish_and_exec(p, spec.profile(), &filters));
+        let r = session(p.tty).and_then(|_| finish_and_exec(p, spec.profile(), &filter));
         let err = match r {
             Err(e) => e,
             Ok(never) => match never {},

@@ -1,10 +1,7 @@
 //! Privilege reduction for container processes: capabilities, no_new_privs, seccomp.
 
 use caps::{CapSet, Capability, CapsHashSet};
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::{sock_filter, BpfProgram};
 use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -201,21 +198,20 @@ fn denied_syscalls() -> Vec<i64> {
 }
 
 /// Namespace-creating clone flags (CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET).
-const CLONE_NS_FLAGS: [u64; 7] = [
-    libc::CLONE_NEWNS as u64,
-    libc::CLONE_NEWCGROUP as u64,
-    libc::CLONE_NEWUTS as u64,
-    libc::CLONE_NEWIPC as u64,
-    libc::CLONE_NEWUSER as u64,
-    libc::CLONE_NEWPID as u64,
-    libc::CLONE_NEWNET as u64,
-];
+const CLONE_NS_FLAGS: u32 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET) as u32;
 
-fn arch() -> Result<TargetArch, Error> {
+/// The `AUDIT_ARCH_*` value a filter expects in `seccomp_data.arch` (linux/audit.h).
+fn audit_arch() -> Result<u32, Error> {
     if cfg!(target_arch = "x86_64") {
-        Ok(TargetArch::x86_64)
+        Ok(0xC000_003E)
     } else if cfg!(target_arch = "aarch64") {
-        Ok(TargetArch::aarch64)
+        Ok(0xC000_00B7)
     } else {
         Err(Error::SeccompBuild("unsupported architecture".into()))
     }
@@ -234,12 +230,11 @@ fn nesting_denied_syscalls() -> Vec<i64> {
     ]
 }
 
-/// The profile's filters, compiled; all must be installed and the kernel applies the
-/// strictest result. Built early so a failure shows up before the container is set up.
-/// Compiled once per process: the fork server compiles them before it clones any
-/// helper (see [`precompile`]), so the helpers find them made.
-pub fn seccomp(profile: Profile) -> Result<Vec<BpfProgram>, Error> {
-    static COMPILED: [std::sync::OnceLock<Result<Vec<BpfProgram>, String>>; 3] =
+/// The profile's filter, compiled. Built early so a failure shows up before the container
+/// is set up. Compiled once per process: the fork server compiles them before it clones
+/// any helper (see [`precompile`]), so the helpers find them made.
+pub fn seccomp(profile: Profile) -> Result<BpfProgram, Error> {
+    static COMPILED: [std::sync::OnceLock<Result<BpfProgram, String>>; 3] =
         [const { std::sync::OnceLock::new() }; 3];
     let slot = match profile {
         Profile::Default => 0,
@@ -257,45 +252,158 @@ pub fn seccomp(profile: Profile) -> Result<Vec<BpfProgram>, Error> {
         .map_err(Error::SeccompBuild)
 }
 
-/// Compiles every profile's filters ahead of the first container.
+/// Compiles every profile's filter ahead of the first container.
 pub fn precompile() {
     for p in [Profile::Default, Profile::SystemInit, Profile::Nesting] {
         let _ = seccomp(p);
     }
 }
 
-fn compile(profile: Profile) -> Result<Vec<BpfProgram>, Error> {
+fn compile(profile: Profile) -> Result<BpfProgram, Error> {
+    let eperm = Verdict::Errno(libc::EPERM as u32);
+    let mut rules = BTreeMap::new();
     match profile {
-        Profile::Default => default_seccomp(&[]),
-        Profile::SystemInit => default_seccomp(&[libc::SYS_reboot]),
-        Profile::Nesting => {
-            let arch = arch()?;
-            let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-            deny_all(&mut rules, nesting_denied_syscalls());
-            let deny = SeccompFilter::new(
-                rules,
-                SeccompAction::Allow,
-                SeccompAction::Errno(libc::EPERM as u32),
-                arch,
-            )
-            .map_err(|e| Error::SeccompBuild(e.to_string()))?;
-            Ok(vec![deny.try_into().map_err(
-                |e: seccompiler::BackendError| Error::SeccompBuild(e.to_string()),
-            )?])
+        Profile::Default | Profile::SystemInit => {
+            for nr in denied_syscalls() {
+                if !(profile == Profile::SystemInit && nr == libc::SYS_reboot) {
+                    rules.insert(nr, eperm);
+                }
+            }
+            rules.insert(libc::SYS_clone, Verdict::EpermIfFlags(CLONE_NS_FLAGS));
+            // clone3 hides its flags in memory; ENOSYS makes libc fall back to clone().
+            rules.insert(libc::SYS_clone3, Verdict::Errno(libc::ENOSYS as u32));
         }
+        Profile::Nesting => {
+            for nr in nesting_denied_syscalls() {
+                rules.insert(nr, eperm);
+            }
+        }
+    }
+    if x32_abi_enabled() {
+        // The x32 ABI reaches the same syscalls with bit 30 set, under the x86_64 audit arch.
+        let x32: Vec<_> = rules
+            .iter()
+            .map(|(nr, v)| (nr | X32_SYSCALL_BIT, *v))
+            .collect();
+        rules.extend(x32);
+    }
+    let rules: Vec<(u32, Verdict)> = rules.into_iter().map(|(nr, v)| (nr as u32, v)).collect();
+    Ok(filter(audit_arch()?, &rules))
+}
+
+/// What a filter does with one syscall number; every number without one is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Refused with this errno.
+    Errno(u32),
+    /// Refused with EPERM if the first argument has any of these flag bits (in its low
+    /// 32 bits, where all clone flags that make namespaces are).
+    EpermIfFlags(u32),
+}
+
+/// Compiles `rules` (sorted by number) to classic BPF: the architecture check, then a
+/// binary search over the syscall numbers. Written here, not with seccompiler's
+/// `SeccompFilter`, because that emits one linear chain, and the kernel runs a new filter
+/// once per syscall number to cache which ones it always allows: the search tree makes
+/// each container start's install a third as long (~80 µs against ~270 µs here).
+fn filter(arch: u32, rules: &[(u32, Verdict)]) -> BpfProgram {
+    debug_assert!(
+        rules.windows(2).all(|w| w[0].0 < w[1].0),
+        "rules not sorted"
+    );
+    let mut prog = vec![
+        bpf_stmt(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            SECCOMP_DATA_ARCH,
+        ),
+        bpf_jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, arch, 1, 0),
+        bpf_stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
+        bpf_stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, SECCOMP_DATA_NR),
+    ];
+    prog.extend(search(rules));
+    prog
+}
+
+const SECCOMP_DATA_NR: u32 = 0;
+const SECCOMP_DATA_ARCH: u32 = 4;
+/// The low 32 bits of `args[0]` (both supported architectures are little-endian).
+const SECCOMP_DATA_ARG0_LOW: u32 = 16;
+/// Rules a search node tests one by one rather than splitting further.
+const LEAF_RULES: usize = 3;
+
+/// The search over `rules` for the number in the accumulator.
+fn search(rules: &[(u32, Verdict)]) -> BpfProgram {
+    if rules.len() <= LEAF_RULES {
+        // A JEQ per rule, each jumping past the others and the final ALLOW to its verdict.
+        let verdicts: Vec<BpfProgram> = rules.iter().map(|(_, v)| verdict(*v)).collect();
+        let mut prog = Vec::new();
+        // From the instruction after the first JEQ: the other JEQs and the ALLOW.
+        let mut to_verdict = rules.len();
+        for (i, (nr, _)) in rules.iter().enumerate() {
+            let jt = u8::try_from(to_verdict).expect("a leaf's jumps are short");
+            prog.push(bpf_jump(
+                libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                *nr,
+                jt,
+                0,
+            ));
+            // The next JEQ is one nearer the verdicts, which this rule's pushes away.
+            to_verdict = to_verdict - 1 + verdicts[i].len();
+        }
+        prog.push(bpf_stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ALLOW,
+        ));
+        prog.extend(verdicts.into_iter().flatten());
+        return prog;
+    }
+    let mid = rules.len() / 2;
+    let (below, from) = (search(&rules[..mid]), search(&rules[mid..]));
+    let split = rules[mid].0;
+    let mut prog = match u8::try_from(below.len()) {
+        Ok(skip) => vec![bpf_jump(
+            libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+            split,
+            skip,
+            0,
+        )],
+        // Conditional jumps reach 255 instructions; a longer branch goes through JA.
+        Err(_) => vec![
+            bpf_jump(libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K, split, 0, 1),
+            bpf_stmt(libc::BPF_JMP | libc::BPF_JA, below.len() as u32),
+        ],
+    };
+    prog.extend(below);
+    prog.extend(from);
+    prog
+}
+
+fn verdict(v: Verdict) -> BpfProgram {
+    let errno = |e: u32| bpf_stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ERRNO | e);
+    match v {
+        Verdict::Errno(e) => vec![errno(e)],
+        Verdict::EpermIfFlags(flags) => vec![
+            bpf_stmt(
+                libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+                SECCOMP_DATA_ARG0_LOW,
+            ),
+            bpf_jump(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, flags, 0, 1),
+            errno(libc::EPERM as u32),
+            bpf_stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        ],
     }
 }
 
-/// One unconditional rule per syscall, under its x86_64 number and, where the kernel runs
-/// x32 programs, its x32 one.
-fn deny_all(rules: &mut BTreeMap<i64, Vec<SeccompRule>>, syscalls: Vec<i64>) {
-    let x32 = x32_abi_enabled();
-    for nr in syscalls {
-        rules.insert(nr, vec![]);
-        // The x32 ABI reaches the same syscalls with bit 30 set, under the x86_64 audit arch.
-        if x32 {
-            rules.insert(nr | X32_SYSCALL_BIT, vec![]);
-        }
+fn bpf_stmt(code: u32, k: u32) -> sock_filter {
+    bpf_jump(code, k, 0, 0)
+}
+
+fn bpf_jump(code: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
     }
 }
 
@@ -340,87 +448,150 @@ fn x32_abi_enabled() -> bool {
     })
 }
 
-/// Docker's filter, but for the syscalls in `allow`.
-fn default_seccomp(allow: &[i64]) -> Result<Vec<BpfProgram>, Error> {
-    let b = |e: seccompiler::BackendError| Error::SeccompBuild(e.to_string());
-    let arch = arch()?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let denied = denied_syscalls()
-        .into_iter()
-        .filter(|nr| !allow.contains(nr))
-        .collect();
-    deny_all(&mut rules, denied);
-    // clone() that creates namespaces: one rule per flag, ORed.
-    let mut clone_rules = Vec::new();
-    for f in CLONE_NS_FLAGS {
-        let cond = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(f), f)
-            .map_err(b)?;
-        clone_rules.push(SeccompRule::new(vec![cond]).map_err(b)?);
-    }
-    rules.insert(libc::SYS_clone, clone_rules);
-    let deny = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(b)?;
-    // clone3 hides its flags in memory; ENOSYS makes libc fall back to clone().
-    let mut rules3 = BTreeMap::new();
-    rules3.insert(libc::SYS_clone3, vec![]);
-    let nosys = SeccompFilter::new(
-        rules3,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )
-    .map_err(b)?;
-    let c = |e: seccompiler::BackendError| Error::SeccompBuild(e.to_string());
-    Ok(vec![
-        deny.try_into().map_err(c)?,
-        nosys.try_into().map_err(c)?,
-    ])
-}
-
-/// Installs compiled filters on the calling thread (needs no_new_privs or CAP_SYS_ADMIN).
-pub fn install_seccomp(progs: &[BpfProgram]) -> Result<(), Error> {
-    for p in progs {
-        seccompiler::apply_filter(p).map_err(|e| Error::SeccompInstall(e.to_string()))?;
-    }
-    Ok(())
+/// Installs a compiled filter on the calling thread (needs no_new_privs or CAP_SYS_ADMIN).
+pub fn install_seccomp(filter: &BpfProgram) -> Result<(), Error> {
+    seccompiler::apply_filter(filter).map_err(|e| Error::SeccompInstall(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Runs `prog` the way the kernel does, for the instructions [`filter`] emits.
+    fn run(prog: &[sock_filter], arch: u32, nr: u32, arg0: u64) -> u32 {
+        let (mut pc, mut acc) = (0usize, 0u32);
+        loop {
+            let i = &prog[pc];
+            pc += 1;
+            let code = u32::from(i.code);
+            let jump = |taken: bool| usize::from(if taken { i.jt } else { i.jf });
+            match code {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                    acc = match i.k {
+                        SECCOMP_DATA_NR => nr,
+                        SECCOMP_DATA_ARCH => arch,
+                        SECCOMP_DATA_ARG0_LOW => arg0 as u32,
+                        k => panic!("load from offset {k}"),
+                    }
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => pc += jump(acc == i.k),
+                c if c == libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K => pc += jump(acc >= i.k),
+                c if c == libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K => {
+                    pc += jump(acc & i.k != 0)
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JA => pc += i.k as usize,
+                c if c == libc::BPF_RET | libc::BPF_K => return i.k,
+                c => panic!("instruction {c:#x}"),
+            }
+        }
+    }
+
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+
     #[test]
-    fn filter_builds() {
-        let f = seccomp(Profile::Default).unwrap();
-        assert_eq!(f.len(), 2);
-        assert!(f[0].len() > 50);
-        let n = seccomp(Profile::Nesting).unwrap();
-        assert_eq!(n.len(), 1);
-        assert!(n[0].len() < f[0].len());
+    fn search_tree_gives_every_number_its_rule() {
+        // Sizes from one rule to one whose branches need JA, numbers spread and clustered.
+        for count in [1, 2, 3, 4, 7, 46, 300, 700] {
+            let rules: Vec<(u32, Verdict)> = (0..count as u32)
+                .map(|i| (i * 7 + (i % 5), Verdict::Errno(i % 100 + 1)))
+                .collect();
+            let prog = filter(0xC000_003E, &rules);
+            assert!(
+                prog.len() <= 4096,
+                "{count} rules: {} instructions",
+                prog.len()
+            );
+            let ja = libc::BPF_JMP | libc::BPF_JA;
+            assert_eq!(prog.iter().any(|i| u32::from(i.code) == ja), count >= 300);
+            let top = rules.last().unwrap().0 + 5;
+            for nr in 0..top {
+                let want = rules
+                    .iter()
+                    .find(|(n, _)| *n == nr)
+                    .map_or(ALLOW, |(_, v)| match v {
+                        Verdict::Errno(e) => libc::SECCOMP_RET_ERRNO | e,
+                        Verdict::EpermIfFlags(_) => unreachable!(),
+                    });
+                assert_eq!(
+                    run(&prog, 0xC000_003E, nr, 0),
+                    want,
+                    "{count} rules, nr {nr}"
+                );
+            }
+            assert_eq!(
+                run(&prog, 0xC000_00B7, rules[0].0, 0),
+                libc::SECCOMP_RET_KILL_PROCESS
+            );
+        }
+    }
+
+    #[test]
+    fn profiles_refuse_what_docker_and_lxc_refuse() {
+        let arch = audit_arch().unwrap();
+        let default = seccomp(Profile::Default).unwrap();
+        let init = seccomp(Profile::SystemInit).unwrap();
+        let nesting = seccomp(Profile::Nesting).unwrap();
+        let x32 = x32_abi_enabled();
+        for nr in denied_syscalls() {
+            let nr = nr as u32;
+            let x32_nr = nr | X32_SYSCALL_BIT as u32;
+            assert_eq!(run(&default, arch, nr, 0), EPERM, "nr {nr}");
+            assert_eq!(run(&default, arch, x32_nr, 0) == EPERM, x32, "nr {nr}");
+            if nr != libc::SYS_reboot as u32 {
+                assert_eq!(run(&init, arch, nr, 0), EPERM, "nr {nr}");
+            }
+        }
+        assert_eq!(run(&init, arch, libc::SYS_reboot as u32, 0), ALLOW);
+        let clone = libc::SYS_clone as u32;
+        let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
+        assert_eq!(run(&default, arch, clone, thread), ALLOW);
+        assert_eq!(run(&default, arch, clone, libc::SIGCHLD as u64), ALLOW);
+        for flag in [libc::CLONE_NEWUSER, libc::CLONE_NEWNS, libc::CLONE_NEWNET] {
+            assert_eq!(run(&default, arch, clone, thread | flag as u64), EPERM);
+        }
+        assert_eq!(
+            run(&default, arch, libc::SYS_clone3 as u32, 0),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        for nr in [
+            libc::SYS_read,
+            libc::SYS_execve,
+            libc::SYS_ptrace,
+            libc::SYS_chroot,
+        ] {
+            assert_eq!(run(&default, arch, nr as u32, 0), ALLOW, "nr {nr}");
+        }
+        for nr in [libc::SYS_mount, libc::SYS_unshare, libc::SYS_clone3] {
+            assert_eq!(run(&nesting, arch, nr as u32, u64::MAX), ALLOW, "nr {nr}");
+        }
+        assert_eq!(run(&nesting, arch, libc::SYS_kexec_load as u32, 0), EPERM);
     }
 
     #[test]
     fn default_filter_refuses_a_denied_syscall_under_both_numbers() {
-        let filters = seccomp(Profile::Default).unwrap();
+        let filter = seccomp(Profile::Default).unwrap();
         // SAFETY: the child makes system calls only (no allocation) and _exits.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let refused = |nr: i64| {
-                // SAFETY: unshare(0) changes nothing even where it is allowed.
-                let r = unsafe { libc::syscall(nr, 0) };
-                let errno = std::io::Error::last_os_error().raw_os_error();
-                r == -1 && matches!(errno, Some(libc::EPERM) | Some(libc::ENOSYS))
+            let errno = |nr: i64, arg: libc::c_long| {
+                // SAFETY: unshare(0) and clone3(NULL, 0) change nothing even where allowed;
+                // getpid has no arguments.
+                let r = unsafe { libc::syscall(nr, arg, 0) };
+                if r == -1 {
+                    std::io::Error::last_os_error().raw_os_error()
+                } else {
+                    None
+                }
             };
+            let refused = |nr| matches!(errno(nr, 0), Some(libc::EPERM) | Some(libc::ENOSYS));
             let ok = set_no_new_privs().is_ok()
-                && install_seccomp(&filters).is_ok()
+                && install_seccomp(&filter).is_ok()
                 && refused(libc::SYS_unshare)
-                && refused(X32_SYSCALL_BIT | libc::SYS_unshare);
+                && refused(X32_SYSCALL_BIT | libc::SYS_unshare)
+                && errno(libc::SYS_clone3, 0) == Some(libc::ENOSYS)
+                && errno(libc::SYS_getpid, 0).is_none();
             // SAFETY: leaving the forked child without running the test harness's code.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
@@ -438,10 +609,6 @@ mod tests {
         assert_ne!(
             caps_mask(Profile::SystemInit) & Capability::CAP_SYS_BOOT.bitmask(),
             0
-        );
-        assert!(
-            seccomp(Profile::SystemInit).unwrap()[0].len()
-                < seccomp(Profile::Default).unwrap()[0].len()
         );
         let nesting = caps_mask(Profile::Nesting);
         assert_ne!(nesting & Capability::CAP_SYS_ADMIN.bitmask(), 0);
