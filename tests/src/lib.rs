@@ -306,6 +306,28 @@ impl TestDaemon {
         assert!(cgroups.is_empty(), "cgroups of {name} left: {cgroups:?}");
         let dir = self.state_dir.join("instances").join(name);
         assert!(!dir.exists(), "instance dir {} left", dir.display());
+        // Its files go from the daemon's trash on a thread of their own, soon after.
+        let trash = self.state_dir.join("instances").join(".trash");
+        let trashed = || {
+            std::fs::read_dir(&trash)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|f| f.starts_with(&format!("{name}.")))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !trashed().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = trashed();
+        assert!(
+            left.is_empty(),
+            "files of {name} left in {}: {left:?}",
+            trash.display()
+        );
     }
 
     /// `ip ARGS` in the daemon's network namespace; its standard output.

@@ -366,8 +366,13 @@ fn daemon_restart_readopts_running_containers() {
     d.stop_daemon();
     // SAFETY: kill on the pid of the container we launched.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    // What a daemon queued for removal but did not get to goes when the next one starts.
+    let left = d.state_dir.join("instances/.trash/left.1.0/upper/etc");
+    std::fs::create_dir_all(&left).unwrap();
+    std::fs::write(left.join("hosts"), "127.0.0.1 left\n").unwrap();
     std::thread::sleep(Duration::from_millis(200));
     d.spawn();
+    d.assert_no_leftovers("left");
     d.wait_status("gone", "Stopped", Duration::from_secs(5));
     assert!(d.cgroup_dirs("gone").is_empty());
     d.ok(&["delete", "gone"]);

@@ -819,22 +819,9 @@ impl Backend for ContainerBackend {
     async fn delete(&self, instance: &Instance) -> Result<(), ApiError> {
         // An explicit delete returns once the veth is gone too. `run --rm` does not wait
         // for it (it would add the network stack's quiescing to every run's exit).
-        // A delete follows the main process's end, and with it its pid namespace's: the
-        // directory's unlinks (~0.5 ms of a `run --rm` here) and the cgroups' rmdirs
-        // (~0.3 ms) go side by side. Should anything have outlived the namespace (release
-        // kills it) and written there meanwhile, the second removal gets that too.
-        let dir = self.dir(&instance.name);
-        let removing = blocking({
-            let dir = dir.clone();
-            move || super::remove_instance_dir(&dir)
-        });
-        let (released, removed) =
-            tokio::join!(self.release(instance, !instance.auto_remove), removing);
-        released?;
-        match removed {
-            Ok(Ok(())) => Ok(()),
-            _ => super::remove_instance_dir(&dir),
-        }
+        self.release(instance, !instance.auto_remove).await?;
+        // Nothing of the container runs any more to write there. A rename (see there).
+        super::remove_instance_dir(&self.dir(&instance.name))
     }
 
     async fn exec(

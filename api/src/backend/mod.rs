@@ -12,13 +12,76 @@ use crate::types::{ExecPost, Image, Instance, Usage};
 use async_trait::async_trait;
 use ltv_containers::process::Stdio;
 
-/// Removes an instance's directory; one that is already gone is fine.
+/// Where deleted instances' directories wait for their removal, inside the instances dir
+/// (so a rename gets them there).
+pub const TRASH: &str = ".trash";
+
+/// Removes an instance's directory; one that is already gone is fine. It is renamed into
+/// [`TRASH`] at once, which frees its name and leaves nothing under its path, and deleted
+/// there by a thread of its own: freeing a tree's blocks can wait on the disk (this host's
+/// ext4, without a journal and mounted with `discard`, trims each freed block before
+/// unlink returns), which made up 0.5 ms of every `run --rm`.
 pub fn remove_instance_dir(dir: &std::path::Path) -> Result<(), ApiError> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut trashed = name.to_os_string();
+        trashed.push(format!(".{}.{n}", std::process::id()));
+        let trashed = parent.join(TRASH).join(trashed);
+        if std::fs::rename(dir, &trashed).is_ok() {
+            remove_later(trashed);
+            return Ok(());
+        }
+    }
+    remove_now(dir)
+}
+
+fn remove_now(dir: &std::path::Path) -> Result<(), ApiError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(ApiError::internal(format!("remove {}: {e}", dir.display()))),
     }
+}
+
+/// Queues `dir` for the trash thread, or removes it now if that thread cannot start.
+fn remove_later(dir: std::path::PathBuf) {
+    use std::sync::mpsc::Sender;
+    static QUEUE: std::sync::OnceLock<Option<Sender<std::path::PathBuf>>> =
+        std::sync::OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<std::path::PathBuf>();
+        let spawned = std::thread::Builder::new()
+            .name("ltv-trash".into())
+            .spawn(move || {
+                for dir in rx {
+                    if let Err(e) = remove_now(&dir) {
+                        // The next daemon's start tries again (see empty_trash).
+                        tracing::warn!("trash: {e}");
+                    }
+                }
+            });
+        spawned.ok().map(|_| tx)
+    });
+    let unsent = match queue {
+        Some(tx) => tx.send(dir).err().map(|e| e.0),
+        None => Some(dir),
+    };
+    if let Some(dir) = unsent {
+        if let Err(e) = remove_now(&dir) {
+            tracing::warn!("trash: {e}");
+        }
+    }
+}
+
+/// Makes the instances dir's trash, and queues what an earlier daemon left in it.
+pub fn empty_trash(instances_dir: &std::path::Path) -> std::io::Result<()> {
+    let trash = instances_dir.join(TRASH);
+    std::fs::create_dir_all(&trash)?;
+    for entry in std::fs::read_dir(&trash)?.flatten() {
+        remove_later(entry.path());
+    }
+    Ok(())
 }
 
 /// Runs blocking runtime work (syscalls, netlink, file trees) off the async executor.

@@ -65,6 +65,8 @@ impl Daemon {
         std::fs::create_dir_all(&instances_dir)
             .with_context(|| format!("create {}", instances_dir.display()))?;
         check_traversable(&instances_dir)?;
+        crate::backend::empty_trash(&instances_dir)
+            .with_context(|| format!("trash in {}", instances_dir.display()))?;
         let images = Arc::new(ImageStore::open(&state.join("images"))?);
         tracing::debug!("images opened");
         let db_path = state.join("ltv.db");
