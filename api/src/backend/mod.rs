@@ -44,34 +44,57 @@ fn remove_now(dir: &std::path::Path) -> Result<(), ApiError> {
     }
 }
 
+/// Directories queued for the trash thread and not removed yet, and a signal when that
+/// drops to none.
+static TRASH_PENDING: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+fn trash_pending() -> std::sync::MutexGuard<'static, usize> {
+    TRASH_PENDING.0.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Queues `dir` for the trash thread, or removes it now if that thread cannot start.
 fn remove_later(dir: std::path::PathBuf) {
     use std::sync::mpsc::Sender;
     static QUEUE: std::sync::OnceLock<Option<Sender<std::path::PathBuf>>> =
         std::sync::OnceLock::new();
+    let remove = |dir: &std::path::Path| {
+        if let Err(e) = remove_now(dir) {
+            // The next daemon's start tries again (see empty_trash).
+            tracing::warn!("trash: {e}");
+        }
+    };
     let queue = QUEUE.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<std::path::PathBuf>();
         let spawned = std::thread::Builder::new()
             .name("ltv-trash".into())
             .spawn(move || {
                 for dir in rx {
-                    if let Err(e) = remove_now(&dir) {
-                        // The next daemon's start tries again (see empty_trash).
-                        tracing::warn!("trash: {e}");
-                    }
+                    remove(&dir);
+                    *trash_pending() -= 1;
+                    TRASH_PENDING.1.notify_all();
                 }
             });
         spawned.ok().map(|_| tx)
     });
+    *trash_pending() += 1;
     let unsent = match queue {
         Some(tx) => tx.send(dir).err().map(|e| e.0),
         None => Some(dir),
     };
     if let Some(dir) = unsent {
-        if let Err(e) = remove_now(&dir) {
-            tracing::warn!("trash: {e}");
-        }
+        *trash_pending() -= 1;
+        remove(&dir);
     }
+}
+
+/// Waits up to `timeout` for the trash thread to remove what it was given, so that a
+/// daemon that stops leaves none of it to the next one.
+pub fn wait_for_trash(timeout: std::time::Duration) {
+    let pending = trash_pending();
+    let _ = TRASH_PENDING
+        .1
+        .wait_timeout_while(pending, timeout, |n| *n > 0);
 }
 
 /// Makes the instances dir's trash, and queues what an earlier daemon left in it.

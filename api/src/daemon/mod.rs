@@ -252,6 +252,8 @@ pub async fn serve(
     for backend in daemon.backends.values() {
         backend.shutdown().await;
     }
+    let trash = std::time::Duration::from_secs(10);
+    let _ = tokio::task::spawn_blocking(move || crate::backend::wait_for_trash(trash)).await;
     remove_empty_cgroup_root(&config.cgroup_root);
     result.context("serve API")
 }
