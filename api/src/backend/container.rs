@@ -820,7 +820,8 @@ impl Backend for ContainerBackend {
         // An explicit delete returns once the veth is gone too. `run --rm` does not wait
         // for it (it would add the network stack's quiescing to every run's exit).
         self.release(instance, !instance.auto_remove).await?;
-        // Nothing of the container runs any more to write there. A rename (see there).
+        // Nothing of the container runs any more to write there; the removal itself is a
+        // rename (see `remove_instance_dir`).
         super::remove_instance_dir(&self.dir(&instance.name))
     }
 

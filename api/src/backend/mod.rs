@@ -14,7 +14,7 @@ use ltv_containers::process::Stdio;
 
 /// Where deleted instances' directories wait for their removal, inside the instances dir
 /// (so a rename gets them there).
-pub const TRASH: &str = ".trash";
+const TRASH: &str = ".trash";
 
 /// Removes an instance's directory; one that is already gone is fine. It is renamed into
 /// [`TRASH`] at once, which frees its name and leaves nothing under its path, and deleted
