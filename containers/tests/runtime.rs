@@ -277,6 +277,7 @@ fn assert_gone(spec: &ContainerSpec) {
 const REPORT: &str = "echo hostname=$(hostname); echo pid=$$; \
     read s1 rest < /proc/self/stat; echo stat1=$s1; \
     echo ifaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); \
+    echo loflags=$(cat /sys/class/net/lo/flags); \
     grep -E '^(CapEff|CapBnd|CapPrm|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status; \
     echo dev=$(ls /dev | tr '\\n' ,); echo id=$(id); echo cwd=$(pwd); \
     echo sysro=$(touch /sys/x 2>&1 | grep -c Read-only); \
@@ -305,6 +306,8 @@ fn container_basics_exec_destroy(env: &Env) {
     assert_eq!(field(&out, "hostname="), "host-basic");
     assert_eq!(field(&out, "pid="), "1");
     assert_eq!(field(&out, "ifaces="), "lo,");
+    // IFF_LOOPBACK | IFF_UP
+    assert_eq!(field(&out, "loflags="), "0x9");
     let cap_eff = u64::from_str_radix(field(&out, "CapEff:"), 16).unwrap();
     assert_eq!(cap_eff, security::default_caps_mask());
     assert_eq!(
@@ -521,7 +524,7 @@ fn volatile_upper(env: &Env) {
 fn user_namespace(env: &Env) {
     let mut spec = env.spec(
         "userns",
-        &["sh", "-c", "id; cat /proc/self/uid_map; echo ok > /tmp/f && echo wrote; echo bb=$(stat -c %u:%g /bin/busybox); echo x > /etc/new && echo etcok; grep CapEff /proc/self/status; echo run=$(grep ' /run ' /proc/mounts | cut -d' ' -f3,4); touch /run/x && echo runok=$(stat -c %u /run); echo $$; sleep 2"],
+        &["sh", "-c", "id; cat /proc/self/uid_map; echo loflags=$(cat /sys/class/net/lo/flags); echo ok > /tmp/f && echo wrote; echo bb=$(stat -c %u:%g /bin/busybox); echo x > /etc/new && echo etcok; grep CapEff /proc/self/status; echo run=$(grep ' /run ' /proc/mounts | cut -d' ' -f3,4); touch /run/x && echo runok=$(stat -c %u /run); echo $$; sleep 2"],
     );
     spec.run_tmpfs = true;
     spec.idmap = Some(IdMap {
@@ -555,6 +558,8 @@ fn user_namespace(env: &Env) {
     assert!(out.contains("uid=0"), "{out}");
     assert!(out.contains("200000"), "{out}");
     assert!(out.contains("wrote"), "{out}");
+    // NetworkMode::None: lo is there, and down (IFF_LOOPBACK alone).
+    assert!(out.contains("loflags=0x8\n"), "{out}");
     // Idmapped image layers: host-root files are root's inside.
     assert!(out.contains("bb=0:0") && out.contains("etcok"), "{out}");
     // A system container's /run: our tmpfs, its root's, writable.

@@ -496,6 +496,9 @@ fn daemon_without_bridge_gives_loopback_only_by_default() {
         ["lo"],
         "{links}"
     );
+    // Up (IFF_LOOPBACK | IFF_UP), as Docker's `--network none` has it.
+    let flags = d.ok(&["exec", "lo-only", "--", "cat", "/sys/class/net/lo/flags"]);
+    assert_eq!(flags.trim(), "0x9");
     // Asking for the bridge it does not have is still an error.
     let out = d.ltv(&[
         "launch",
