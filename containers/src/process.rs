@@ -689,13 +689,15 @@ impl<T: Reserved> Reserve<T> {
         }
     }
 
-    /// Tops up with `spawn`, blocking; the first failure is logged and ends it.
-    fn refill(&self, what: &str, spawn: impl Fn() -> Result<T, Error>) {
+    /// Tops up to `count` (the size at most) with `spawn`, blocking; the first failure is
+    /// logged and ends it.
+    fn refill(&self, what: &str, count: usize, spawn: impl Fn() -> Result<T, Error>) {
         use std::sync::atomic::Ordering;
         if self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
-        while !self.closed.load(Ordering::Acquire) && self.items().len() < self.size {
+        let count = count.min(self.size);
+        while !self.closed.load(Ordering::Acquire) && self.items().len() < count {
             match spawn() {
                 Ok(mut item) => {
                     // Checked under the lock that `drain` takes after closing.
@@ -758,10 +760,11 @@ impl Pool {
         self.spares.take()
     }
 
-    /// Tops the pool up; blocking (each spare costs a clone of its namespaces). Call it
-    /// off the request path, e.g. after each start.
-    pub fn refill(&self) {
-        self.spares.refill("container pool", || self.spawn_spare());
+    /// Tops the pool up to `count` spares (its size at most); blocking (each spare costs a
+    /// clone of its namespaces). Call it off the request path, e.g. after each start.
+    pub fn refill(&self, count: usize) {
+        self.spares
+            .refill("container pool", count, || self.spawn_spare());
     }
 
     fn spawn_spare(&self) -> Result<Spare, Error> {
@@ -840,10 +843,11 @@ impl ExecSpares {
         Some(ExecSpares(Reserve::new(size)))
     }
 
-    /// Tops the spares up; blocking, so call it off the request path.
-    pub fn refill(&self) {
+    /// Tops the spares up to `count` (their size at most); blocking, so call it off the
+    /// request path.
+    pub fn refill(&self, count: usize) {
         self.0
-            .refill("exec helpers", || Helper::spawn_released(None));
+            .refill("exec helpers", count, || Helper::spawn_released(None));
     }
 
     fn take(&self) -> Option<Helper> {
@@ -1431,6 +1435,39 @@ fn forward_and_wait(child: libc::pid_t, set: &libc::sigset_t) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in for a spare: alive (our own pid) until discarded.
+    struct Token;
+
+    impl Reserved for Token {
+        fn pid(&self) -> i32 {
+            std::process::id() as i32
+        }
+
+        fn discard(&mut self) {}
+    }
+
+    #[test]
+    fn reserve_tops_up_to_the_count_asked_within_its_size() {
+        let reserve = Reserve::new(3);
+        let made = std::sync::atomic::AtomicUsize::new(0);
+        let spawn = || {
+            made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Token)
+        };
+        reserve.refill("test", 1, spawn);
+        assert_eq!(reserve.items().len(), 1);
+        // Already one: nothing to make.
+        reserve.refill("test", 1, spawn);
+        assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 1);
+        reserve.refill("test", usize::MAX, spawn);
+        assert_eq!(reserve.items().len(), 3, "never more than its size");
+        assert!(reserve.take().is_some());
+        assert_eq!(reserve.items().len(), 2);
+        reserve.drain();
+        reserve.refill("test", usize::MAX, spawn);
+        assert!(reserve.items().is_empty(), "a drained reserve stays empty");
+    }
 
     #[test]
     fn stat_start_time_with_nasty_comm() {

@@ -391,7 +391,7 @@ fn container_basics_exec_destroy(env: &Env) {
     // The rest through helpers started ahead of time, where there are any (cgroup v1).
     let spares = process::ExecSpares::new(2);
     if let Some(s) = &spares {
-        s.refill();
+        s.refill(usize::MAX);
     }
     let (io, r) = stdio();
     let e = process::exec(
@@ -545,7 +545,7 @@ fn user_namespace(env: &Env) {
     // Through a spare helper where there are any: it joins the user namespace by setns.
     let spares = process::ExecSpares::new(1);
     if let Some(s) = &spares {
-        s.refill();
+        s.refill(usize::MAX);
     }
     let e = process::exec(&spec, s.pid, &p, io2, spares.as_ref()).expect("exec in userns");
     assert_eq!(wait(e.pid), 0);
@@ -751,7 +751,7 @@ fn pool_spare_run(env: &Env, userns: bool) {
         eprintln!("pool: skipped (cgroup v2 host: CLONE_INTO_CGROUP makes the pool moot)");
         return;
     };
-    pool.refill();
+    pool.refill(usize::MAX);
     let spares = || {
         cgroup_roots()
             .iter()
@@ -795,16 +795,16 @@ fn pool_spare_run(env: &Env, userns: bool) {
     process::destroy(&spec).expect("destroy");
     assert_eq!(wait(s.pid), 137);
     assert_gone(&spec);
-    pool.refill();
+    pool.refill(usize::MAX);
     assert!(spares() > 0);
     pool.drain();
     assert_eq!(spares(), 0, "drain removes spares");
-    pool.refill();
+    pool.refill(usize::MAX);
     assert_eq!(spares(), 0, "a drained pool stays empty");
     // The daemon's exit drains while a refill may be running: nothing is left after.
     let pool = process::Pool::new(&env.cg_parent, 3, userns, false).unwrap();
     std::thread::scope(|s| {
-        s.spawn(|| pool.refill());
+        s.spawn(|| pool.refill(usize::MAX));
         std::thread::sleep(std::time::Duration::from_millis(2));
         pool.drain();
         assert_eq!(spares(), 0, "nothing made after drain returned");
