@@ -232,6 +232,22 @@ fn bridge_networking_between_containers() {
         "{hosts}"
     );
 
+    // A container's first process finds its network ready: the start waits for it.
+    let first = d.ltv(&[
+        "run",
+        "--rm",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "ip -4 -o addr show eth0; ip route",
+    ]);
+    let first = stdout(&first);
+    assert!(
+        first.contains("eth0    inet 10.87.0.") && first.contains("default via 10.87.0.1"),
+        "{first}"
+    );
+
     let out = d.ltv(&["exec", "box", "--", "ping", "-c", "1", "-W", "2", &web_ip]);
     assert!(
         out.status.success(),
