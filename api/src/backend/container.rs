@@ -104,7 +104,8 @@ impl Quiet {
 
 /// Tops spares up on a thread of its own (a refill waits on the kernel, not the runtime):
 /// one at once if none is left, the rest when quiet. Waiting for quiet alone starved the
-/// pool in a stream of starts: 28 of 40 back-to-back `run --rm` made their own helper.
+/// pool in a stream of starts: 28 of 40 back-to-back `run --rm --network none` made their
+/// own helper.
 fn refill_soon(quiet: &Arc<Quiet>, refill: impl Fn(usize) + Send + 'static) {
     let quiet = quiet.clone();
     std::thread::spawn(move || {
