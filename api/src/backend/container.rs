@@ -58,7 +58,8 @@ pub struct ContainerBackend {
 /// Refills of spare helpers wait for a quiet moment: a refill's clone, cgroup directories
 /// and veth take the same CPUs and kernel locks (cgroup_mutex, rtnl) as the start or exec
 /// that just used a spare, and as the one that usually follows it (`launch`, then `exec`).
-/// Run right after each start, the refill ate what making veths ahead saved.
+/// Run right after each start, the refill ate what making veths ahead saved. Only the
+/// spare that an emptied pool needs is made at once (`refill_soon`).
 #[derive(Default)]
 struct Quiet {
     /// Starts and execs running now, and when the last one ended.
