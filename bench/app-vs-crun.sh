@@ -77,6 +77,7 @@ EOF
 # crun refuses the hybrid cgroup layout unless the cgroup2 mount is hidden, so both
 # tools are timed inside private mount namespaces without it (ltv is only the client there).
 PER_BLOCK=$(( (RUNS + ROUNDS - 1) / ROUNDS ))
+rm -f "$OUT"/app-start-*.json   # an earlier run's extra rounds would be counted in
 echo "== start latency: $ROUNDS rounds of $PER_BLOCK back-to-back runs per command"
 COMMANDS=(
     "ltv=$LTV run --rm busybox -- /bin/true"
