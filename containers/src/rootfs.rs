@@ -71,12 +71,28 @@ pub fn detached_overlay(
     idmap: Option<(&IdMap, BorrowedFd<'_>)>,
 ) -> Result<DetachedRootfs> {
     use std::os::fd::AsRawFd;
-    for d in [&spec.upperdir, &spec.workdir, &spec.mountpoint] {
+    let dirs: &[&PathBuf] = if spec.readonly {
+        &[&spec.mountpoint]
+    } else {
+        &[&spec.upperdir, &spec.workdir, &spec.mountpoint]
+    };
+    for d in dirs {
         std::fs::create_dir_all(d).map_err(|e| err(format!("create {}", d.display()), e))?;
     }
     // An identity map (a nested daemon sharing its own range) needs no shifted layers; the
     // kernel would refuse them anyway on a filesystem the host mounted.
-    let Some((m, userns)) = idmap.filter(|(m, _)| m.host_uid != 0 || m.host_gid != 0) else {
+    let idmap = idmap.filter(|(m, _)| m.host_uid != 0 || m.host_gid != 0);
+    if let (true, [layer]) = (spec.readonly, spec.lowerdirs.as_slice()) {
+        // Nothing to write, so no overlay: the layer itself (which overlayfs would refuse
+        // alone without an upper dir). Its read-only flag holds as the container's root
+        // has no CAP_SYS_ADMIN to remount it (Docker's capability set).
+        let userns = idmap.map(|(_, userns)| userns);
+        return detached_clone(layer, userns, true).map(|mount| DetachedRootfs {
+            mount,
+            layers: vec![],
+        });
+    }
+    let Some((m, userns)) = idmap else {
         let lower: Vec<String> = spec
             .lowerdirs
             .iter()
@@ -87,12 +103,14 @@ pub fn detached_overlay(
             layers: vec![],
         });
     };
-    std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
-        .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
+    if !spec.readonly {
+        std::os::unix::fs::chown(&spec.upperdir, Some(m.host_uid), Some(m.host_gid))
+            .map_err(|e| err(format!("chown {}", spec.upperdir.display()), e))?;
+    }
     let layer_fds = spec
         .lowerdirs
         .iter()
-        .map(|l| idmapped_clone(l, userns))
+        .map(|l| detached_clone(l, Some(userns), false))
         .collect::<Result<Vec<_>>>()?;
     if !DETACHED_LAYERS_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
         let lower: Vec<String> = layer_fds
@@ -203,8 +221,8 @@ fn set_flag(fs: &OwnedFd, key: &std::ffi::CStr) -> Result<()> {
     Ok(())
 }
 
-/// An overlay of `lower` (paths, topmost first) under the spec's upper and work dirs, as
-/// a detached mount.
+/// An overlay of `lower` (paths, topmost first) under the spec's upper and work dirs (or
+/// of `lower` alone, read-only, for a `readonly` spec), as a detached mount.
 fn overlay_from(lower: &[String], spec: &RootfsSpec) -> Result<OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd};
     let cstr = |s: &str| {
@@ -247,9 +265,14 @@ fn overlay_from(lower: &[String], spec: &RootfsSpec) -> Result<OwnedFd> {
     };
     // lowerdir+ (one layer per call) would avoid the 4 KiB option limit, but needs 6.8.
     set("lowerdir", Some(&lower.join(":")))?;
-    set("upperdir", Some(&spec.upperdir.display().to_string()))?;
-    set("workdir", Some(&spec.workdir.display().to_string()))?;
-    if spec.volatile && !VOLATILE_REFUSED.load(std::sync::atomic::Ordering::Relaxed) {
+    if !spec.readonly {
+        set("upperdir", Some(&spec.upperdir.display().to_string()))?;
+        set("workdir", Some(&spec.workdir.display().to_string()))?;
+    }
+    if spec.volatile
+        && !spec.readonly
+        && !VOLATILE_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
+    {
         // Linux >= 5.10; without it the overlay is only slower to end.
         if let Err(e) = set_flag(&fs, c"volatile") {
             tracing::info!("overlayfs refuses volatile ({e}); upper dirs are synced on unmount");
@@ -299,6 +322,7 @@ const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 
 #[repr(C)]
@@ -309,8 +333,9 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// A detached copy of `dir`'s mount, idmapped through `userns`.
-fn idmapped_clone(dir: &Path, userns: BorrowedFd<'_>) -> Result<OwnedFd> {
+/// A detached copy of `dir`'s mount, idmapped through `userns` if given, read-only if
+/// asked.
+fn detached_clone(dir: &Path, userns: Option<BorrowedFd<'_>>, readonly: bool) -> Result<OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd};
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::new(ErrorKind::InvalidInput, "NUL in path"))?;
@@ -331,12 +356,22 @@ fn idmapped_clone(dir: &Path, userns: BorrowedFd<'_>) -> Result<OwnedFd> {
     }
     // SAFETY: fd was just returned by open_tree.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
+    let mut attr = MountAttr {
+        attr_set: 0,
         attr_clr: 0,
         propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
+        userns_fd: 0,
     };
+    if let Some(userns) = userns {
+        attr.attr_set |= MOUNT_ATTR_IDMAP;
+        attr.userns_fd = userns.as_raw_fd() as u64;
+    }
+    if readonly {
+        attr.attr_set |= MOUNT_ATTR_RDONLY;
+    }
+    if attr.attr_set == 0 {
+        return Ok(fd);
+    }
     // SAFETY: mount_setattr on our detached mount with a correctly sized struct.
     let r = unsafe {
         libc::syscall(
@@ -350,7 +385,7 @@ fn idmapped_clone(dir: &Path, userns: BorrowedFd<'_>) -> Result<OwnedFd> {
     };
     if r < 0 {
         return Err(err(
-            format!("idmap {}", dir.display()),
+            format!("mount_setattr {}", dir.display()),
             Error::last_os_error(),
         ));
     }
@@ -501,7 +536,11 @@ pub fn setup(root: &Path, spec: &crate::spec::ContainerSpec, cg: &CgroupMounts) 
     for b in &spec.binds {
         let target = root.join(b.target.trim_start_matches('/'));
         refuse_symlink(&target)?;
-        mkdir_p(&target)?;
+        if b.source.is_dir() {
+            mkdir_p(&target)?;
+        } else if !target.exists() {
+            touch(&target)?;
+        }
         let src = b.source.to_str().unwrap_or_default();
         mnt(
             Some(src),
@@ -808,6 +847,7 @@ mod tests {
             workdir: "/c/work".into(),
             mountpoint: "/c/root".into(),
             volatile: false,
+            readonly: false,
         }
     }
 

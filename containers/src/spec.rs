@@ -56,7 +56,8 @@ pub struct Bind {
     pub readonly: bool,
 }
 
-/// An overlayfs rootfs: read-only image layers below, a per-instance upper dir on top.
+/// An overlayfs rootfs: read-only image layers below, a per-instance upper dir on top;
+/// or, `readonly`, the image layers alone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RootfsSpec {
     /// Lower layers, topmost first (overlayfs `lowerdir` order).
@@ -70,6 +71,9 @@ pub struct RootfsSpec {
     /// commit and a disk flush on every container exit).
     #[serde(default)]
     pub volatile: bool,
+    /// Docker's `--read-only`: the image as it is, read-only, with no upper dir at all.
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// One process: the container's first process, or one started by `exec`.

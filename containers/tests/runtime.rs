@@ -33,6 +33,7 @@ fn main() {
         ("user_namespace", user_namespace),
         ("run_symlink_is_kept", run_symlink_is_kept),
         ("volatile_upper", volatile_upper),
+        ("readonly_rootfs", readonly_rootfs),
         (
             "user_namespace_on_attached_layers",
             user_namespace_on_attached_layers,
@@ -127,6 +128,7 @@ impl Env {
                 workdir: c.join("work"),
                 mountpoint: c.join("rootfs"),
                 volatile: false,
+                readonly: false,
             },
             process: ProcessSpec {
                 args: args.iter().map(|s| s.to_string()).collect(),
@@ -516,6 +518,53 @@ fn volatile_upper(env: &Env) {
             std::fs::read_to_string(spec.rootfs.upperdir.join("written")).unwrap(),
             "data\n"
         );
+        process::destroy(&spec).expect("destroy");
+        assert_gone(&spec);
+    }
+}
+
+/// A read-only rootfs: the image layer itself (idmapped or not), or the layers alone in
+/// an overlay without an upper dir; writes fail, reads see every layer, no upper is made.
+fn readonly_rootfs(env: &Env) {
+    let extra = env.dir.path().join("extra-layer");
+    std::fs::create_dir_all(extra.join("etc")).unwrap();
+    std::fs::write(extra.join("etc/extra"), "from the upper layer\n").unwrap();
+    let userns = IdMap {
+        host_uid: 200000,
+        host_gid: 200000,
+        size: 65536,
+    };
+    for (name, two_layers, idmap) in [
+        ("ro-plain", false, None),
+        ("ro-idmapped", false, Some(userns)),
+        ("ro-layers", true, Some(userns)),
+    ] {
+        let mut spec = env.spec(
+            name,
+            &[
+                "sh",
+                "-c",
+                "touch /x 2>/dev/null; echo touch=$?; cat /etc/extra 2>/dev/null; id -u; \
+                 grep -c ' / ro,' /proc/self/mountinfo",
+            ],
+        );
+        spec.rootfs.readonly = true;
+        spec.idmap = idmap;
+        if two_layers {
+            spec.rootfs.lowerdirs.insert(0, extra.clone());
+        }
+        let (io, r) = stdio();
+        let s = process::start(&spec, io, None).expect("start");
+        let code = wait(s.pid);
+        let out = read_all(r);
+        assert_eq!(code, 0, "{name}: {out}");
+        let layer = if two_layers {
+            "from the upper layer\n"
+        } else {
+            ""
+        };
+        assert_eq!(out, format!("touch=1\n{layer}0\n1\n"), "{name}");
+        assert!(!spec.rootfs.upperdir.exists(), "{name}: no upper dir");
         process::destroy(&spec).expect("destroy");
         assert_gone(&spec);
     }

@@ -278,6 +278,7 @@ impl ContainerBackend {
                 workdir: dir.join("work"),
                 mountpoint: dir.join("rootfs"),
                 volatile: false,
+                readonly: false,
             },
             process: ProcessSpec {
                 args: vec![],
