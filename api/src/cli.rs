@@ -146,6 +146,9 @@ pub struct Limits {
     /// No user namespace: root inside is root on the host.
     #[arg(long)]
     pub privileged: bool,
+    /// Mount the root filesystem read-only (app containers).
+    #[arg(long)]
+    pub read_only: bool,
     /// `bridge` (default) or `none`.
     #[arg(long)]
     pub network: Option<String>,
@@ -161,6 +164,7 @@ impl Limits {
             command,
             workdir: self.workdir.clone(),
             privileged: self.privileged,
+            read_only: self.read_only,
             network: self.network.clone(),
         }
     }
@@ -662,6 +666,9 @@ fn print_info(i: &Instance) {
     );
     if !c.command.is_empty() {
         println!("Command:    {}", c.command.join(" "));
+    }
+    if c.read_only {
+        println!("Root fs:    read-only");
     }
     if let Some(u) = &i.usage {
         println!(

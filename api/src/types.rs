@@ -116,6 +116,10 @@ pub struct InstanceConfig {
     /// Runs without a user namespace: root inside is root on the host. Off by default.
     #[serde(default)]
     pub privileged: bool,
+    /// The root filesystem is the image itself, read-only (Docker's `--read-only`), with
+    /// /etc/hosts and /etc/hostname bound over the image's; app containers only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
     /// `bridge` (default: a veth on the daemon's bridge with an address) or `none`
     /// (only loopback).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -380,6 +380,88 @@ fn daemon_restart_readopts_running_containers() {
 }
 
 #[test]
+fn read_only_rootfs_is_the_image_itself() {
+    require_root!();
+    let d = daemon_with_busybox();
+    let image_hostname = || {
+        let images = d.state_dir.join("images");
+        let fp = std::fs::read_dir(&images)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().join("rootfs/etc/hostname").exists())
+            .expect("the busybox image")
+            .path();
+        std::fs::read_to_string(fp.join("rootfs/etc/hostname")).unwrap()
+    };
+    let before = image_hostname();
+    let probe = "touch /x; echo touch=$?; mount -o remount,rw / 2>/dev/null; echo remount=$?; \
+                 cat /etc/hostname; grep -c \"$(hostname)\" /etc/hosts; echo changed > /etc/hostname";
+    // Unprivileged (an idmapped clone of the image) and privileged (a plain clone).
+    for (name, privileged) in [("ro1", false), ("ro2", true)] {
+        let mut args = vec!["run", "--rm", "--read-only", "--name", name];
+        if privileged {
+            args.push("--privileged");
+        }
+        args.extend(["busybox", "--", "sh", "-c", probe]);
+        let out = d.ltv(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(
+            stdout(&out),
+            format!("touch=1\nremount=1\n{name}\n1\n"),
+            "{name}: the root refuses writes and a remount, /etc/hostname and /etc/hosts \
+             name the instance; stderr: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("Read-only file system"),
+            "{}",
+            stderr(&out)
+        );
+        d.assert_no_leftovers(name);
+    }
+    assert_eq!(image_hostname(), before, "the shared image is untouched");
+
+    d.ok(&[
+        "launch",
+        "busybox",
+        "ro3",
+        "--kind",
+        "app",
+        "--read-only",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    d.wait_status("ro3", "Running", Duration::from_secs(5));
+    assert!(d.ok(&["info", "ro3"]).contains("Root fs:    read-only"));
+    assert_eq!(d.instance("ro3")["config"]["read_only"], true);
+    let out = d.ltv(&["exec", "ro3", "--", "sh", "-c", "echo x > /tmp/f"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    d.ok(&["restart", "ro3", "--timeout", "1"]);
+    d.wait_status("ro3", "Running", Duration::from_secs(5));
+    let out = d.ltv(&["exec", "ro3", "--", "sh", "-c", "touch /root/f || hostname"]);
+    assert_eq!(stdout(&out), "ro3\n", "still read-only after a restart");
+    d.ok(&["delete", "--force", "ro3"]);
+    d.assert_no_leftovers("ro3");
+
+    // A system container's init writes its root filesystem.
+    let out = d.ltv(&["launch", "busybox", "ro4", "--read-only"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--read-only is for app containers"),
+        "{}",
+        stderr(&out)
+    );
+    let (s, _) = d.api_json(
+        "POST",
+        "/1.0/instances",
+        Some(r#"{"name":"ro4","kind":"system","image":"busybox","config":{"read_only":true}}"#),
+    );
+    assert_eq!(s, 400);
+    d.assert_no_leftovers("ro4");
+}
+
+#[test]
 fn bad_input_is_rejected_and_leaves_nothing() {
     require_root!();
     let d = daemon_with_busybox();

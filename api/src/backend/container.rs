@@ -309,12 +309,16 @@ impl ContainerBackend {
         let mut spec = self.skeleton(&instance.name);
         spec.rootfs.lowerdirs = vec![self.rootfs_of(image)];
         spec.rootfs.volatile = instance.auto_remove;
+        spec.rootfs.readonly = instance.config.read_only;
         spec.process = process;
         spec.limits = limits_of(instance)?;
         spec.idmap = self.idmap(instance);
         spec.network = self.network_of(instance)?;
         spec.init_may_reboot = instance.kind == Kind::System;
         spec.run_tmpfs = instance.kind == Kind::System;
+        if instance.config.read_only {
+            spec.binds = self.name_files(instance, image)?;
+        }
         if nests(instance) {
             let bundle = match self.bundle.get() {
                 Some(b) => b.clone(),
@@ -391,10 +395,14 @@ impl ContainerBackend {
 
     /// /etc/hosts and /etc/hostname name the instance, written into
     /// the upper dir before the rootfs is mounted (the image's stay untouched), owned by
-    /// the container's root.
+    /// the container's root. A read-only rootfs has no upper dir: they are written beside
+    /// it and bound over the image's (see `name_files`), as Docker does for every container.
     fn write_hosts(&self, instance: &Instance) -> Result<(), ApiError> {
         let address = instance.address.as_deref().and_then(|a| a.parse().ok());
-        let etc = self.dir(&instance.name).join("upper/etc");
+        let etc = match instance.config.read_only {
+            true => self.dir(&instance.name),
+            false => self.dir(&instance.name).join("upper/etc"),
+        };
         let owner = self.idmap(instance).map(|m| m.host_uid);
         let io =
             |e: std::io::Error| ApiError::internal(format!("write {}/hosts: {e}", etc.display()));
@@ -418,6 +426,25 @@ impl ContainerBackend {
             std::os::unix::fs::chown(&path, owner, owner).map_err(io)?;
         }
         Ok(())
+    }
+
+    /// Binds of the files `write_hosts` wrote for a read-only rootfs over the image's own,
+    /// where the image has them as plain files: nothing can be made in a read-only root.
+    fn name_files(&self, instance: &Instance, image: &Image) -> Result<Vec<Bind>, ApiError> {
+        let rootfs = self.rootfs_of(image);
+        let dir = self.dir(&instance.name);
+        Ok(["hosts", "hostname"]
+            .into_iter()
+            .filter(|f| {
+                std::fs::symlink_metadata(rootfs.join("etc").join(f))
+                    .is_ok_and(|m| m.file_type().is_file())
+            })
+            .map(|f| Bind {
+                source: dir.join(f),
+                target: format!("/etc/{f}"),
+                readonly: false,
+            })
+            .collect())
     }
 
     fn rootfs_of(&self, image: &Image) -> PathBuf {
@@ -753,12 +780,21 @@ impl Backend for ContainerBackend {
                 "network {n:?}: use bridge or none"
             )));
         }
+        if instance.config.read_only && instance.kind != Kind::App {
+            return Err(ApiError::bad_request(
+                "--read-only is for app containers: a system container's init writes its root filesystem",
+            ));
+        }
         self.main_process(instance, image, false).map(|_| ())
     }
 
     async fn create(&self, instance: &Instance, _image: &Image) -> Result<(), ApiError> {
         let dir = self.dir(&instance.name);
-        for sub in ["upper", "work", "rootfs"] {
+        let subs: &[&str] = match instance.config.read_only {
+            true => &["rootfs"],
+            false => &["upper", "work", "rootfs"],
+        };
+        for sub in subs {
             std::fs::create_dir_all(dir.join(sub)).map_err(|e| {
                 ApiError::internal(format!("create {}: {e}", dir.join(sub).display()))
             })?;

@@ -392,6 +392,11 @@ impl Backend for VmBackend {
                 "a pids limit does not apply to microVMs",
             ));
         }
+        if instance.config.read_only {
+            return Err(ApiError::bad_request(
+                "--read-only is for app containers: a microVM boots from its own root disk",
+            ));
+        }
         self.vm_config(instance, image).map(|_| ())
     }
 
