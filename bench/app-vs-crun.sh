@@ -83,6 +83,7 @@ COMMANDS=(
     "ltv=$LTV run --rm busybox -- /bin/true"
     "ltv-none=$LTV run --rm --network none busybox -- /bin/true"
     "ltv-privileged-none=$LTV run --rm --privileged --network none busybox -- /bin/true"
+    "ltv-ro-none=$LTV run --rm --read-only --network none busybox -- /bin/true"
     "crun=crun --root $WORK/crun run --bundle $BUNDLE bench-true"
 )
 for round in $(seq "$ROUNDS"); do
@@ -114,6 +115,7 @@ for name, what in [
     ("ltv", "default: unprivileged (user namespace), veth on the bridge"),
     ("ltv-none", "unprivileged, --network none (loopback, as crun's bundle)"),
     ("ltv-privileged-none", "--privileged --network none (crun's default bundle)"),
+    ("ltv-ro-none", "unprivileged, --read-only --network none (crun's bundle: read-only root, loopback)"),
 ]:
     print(f"median: {name} [{what}] {med[name]:.2f} ms, ratio to crun = {med[name] / med['crun']:.2f}x")
 EOF
@@ -124,11 +126,16 @@ meminfo_kb() { # kernel + anon memory in use, in KiB
 settle() { sync; echo 3 >/proc/sys/vm/drop_caches; sleep 1; }
 
 echo "== idle memory: $IDLE sleeping containers each"
-settle; before=$(meminfo_kb)
-for i in $(seq "$IDLE"); do "$LTV" launch busybox "idle$i" --kind app -- sleep 3600 >/dev/null; done
-settle; after=$(meminfo_kb)
-ltv_kb=$(( (after - before) / IDLE ))
-for i in $(seq "$IDLE"); do "$LTV" delete --force "idle$i" >/dev/null; done
+ltv_idle_kib() { # ltv launch options...
+    settle; local before after
+    before=$(meminfo_kb)
+    for i in $(seq "$IDLE"); do "$LTV" launch busybox "idle$i" --kind app "$@" -- sleep 3600 >/dev/null; done
+    settle; after=$(meminfo_kb)
+    for i in $(seq "$IDLE"); do "$LTV" delete --force "idle$i" >/dev/null; done
+    echo $(( (after - before) / IDLE ))
+}
+ltv_kb=$(ltv_idle_kib)
+ltv_ro_kb=$(ltv_idle_kib --read-only)
 
 python3 - "$BUNDLE/config.json" <<'EOF'
 import json, sys
@@ -142,5 +149,5 @@ unshare -m --propagation private sh -c "
 "
 settle; after=$(meminfo_kb)
 crun_kb=$(( (after - before) / IDLE ))
-echo "idle memory per container (kernel+anon): ltv ${ltv_kb} KiB, crun ${crun_kb} KiB"
-printf '{"ltv_idle_kib": %s, "crun_idle_kib": %s, "count": %s}\n' "$ltv_kb" "$crun_kb" "$IDLE" >"$OUT/app-idle-memory.json"
+echo "idle memory per container (kernel+anon): ltv ${ltv_kb} KiB (--read-only ${ltv_ro_kb} KiB), crun ${crun_kb} KiB"
+printf '{"ltv_idle_kib": %s, "ltv_read_only_idle_kib": %s, "crun_idle_kib": %s, "count": %s}\n' "$ltv_kb" "$ltv_ro_kb" "$crun_kb" "$IDLE" >"$OUT/app-idle-memory.json"
