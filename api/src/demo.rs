@@ -461,6 +461,24 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
         .await?
     );
 
+    step("A read-only root: the image itself, no overlay (Docker's --read-only)");
+    let script = "cat /etc/hostname; touch /new-file";
+    shell(&format!(
+        "ltv run --rm --read-only --network none busybox -- sh -c '{script}'"
+    ));
+    let code = run_attached(
+        client,
+        "busybox",
+        InstanceConfig {
+            read_only: true,
+            network: Some("none".into()),
+            command: sh(script),
+            ..Default::default()
+        },
+    )
+    .await?;
+    println!("exit code {code}");
+
     step("A detached container with limits, exec and usage");
     shell("ltv launch busybox web --kind app --memory 32MiB --pids 20 -- sh -c 'while true; do echo tick; sleep 1; done'");
     let config = InstanceConfig {

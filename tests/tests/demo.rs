@@ -62,6 +62,10 @@ fn demo_runs_to_completion_and_leaves_nothing() {
     if kvm {
         assert!(row("vm1").contains("own"), "{}", row("vm1"));
     }
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/new-file: Read-only file system"),
+        "the read-only step's write is refused"
+    );
     assert!(text.contains("Demo finished"));
     assert_eq!(demo_dirs(), before, "its state directory is gone");
     for m in cgroup_mounts() {
