@@ -141,6 +141,13 @@ fn validate(spec: &ContainerSpec) -> Result<(), Error> {
             "nesting needs a user namespace: a privileged container cannot nest".into(),
         ));
     }
+    if spec.nesting && spec.rootfs.readonly {
+        // Its root would hold CAP_SYS_ADMIN over the mount and could remount the image
+        // read-write; only an overlay's upper dir keeps the image out of its reach.
+        return Err(Error::InvalidSpec(
+            "a read-only rootfs is for containers that cannot remount it, not nesting ones".into(),
+        ));
+    }
     for b in &spec.binds {
         let t = Path::new(&b.target);
         if !t.is_absolute() || t.components().any(|c| c == std::path::Component::ParentDir) {

@@ -568,6 +568,21 @@ fn readonly_rootfs(env: &Env) {
         process::destroy(&spec).expect("destroy");
         assert_gone(&spec);
     }
+    // A nesting container's root could remount it read-write.
+    let mut spec = env.spec("ro-nesting", &["true"]);
+    spec.rootfs.readonly = true;
+    spec.idmap = Some(userns);
+    spec.nesting = true;
+    let (io, _r) = stdio();
+    let refused = process::start(&spec, io, None);
+    assert!(
+        matches!(&refused, Err(process::Error::InvalidSpec(m)) if m.contains("read-only")),
+        "a read-only nesting container is refused"
+    );
+    assert!(
+        !spec.rootfs.mountpoint.exists(),
+        "and nothing was made for it"
+    );
 }
 
 fn user_namespace(env: &Env) {
