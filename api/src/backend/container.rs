@@ -317,7 +317,7 @@ impl ContainerBackend {
         spec.init_may_reboot = instance.kind == Kind::System;
         spec.run_tmpfs = instance.kind == Kind::System;
         if instance.config.read_only {
-            spec.binds = self.name_files(instance, image)?;
+            spec.binds = self.name_files(instance, image);
         }
         if nests(instance) {
             let bundle = match self.bundle.get() {
@@ -430,10 +430,10 @@ impl ContainerBackend {
 
     /// Binds of the files `write_hosts` wrote for a read-only rootfs over the image's own,
     /// where the image has them as plain files: nothing can be made in a read-only root.
-    fn name_files(&self, instance: &Instance, image: &Image) -> Result<Vec<Bind>, ApiError> {
+    fn name_files(&self, instance: &Instance, image: &Image) -> Vec<Bind> {
         let rootfs = self.rootfs_of(image);
         let dir = self.dir(&instance.name);
-        Ok(["hosts", "hostname"]
+        ["hosts", "hostname"]
             .into_iter()
             .filter(|f| {
                 std::fs::symlink_metadata(rootfs.join("etc").join(f))
@@ -444,7 +444,7 @@ impl ContainerBackend {
                 target: format!("/etc/{f}"),
                 readonly: false,
             })
-            .collect())
+            .collect()
     }
 
     fn rootfs_of(&self, image: &Image) -> PathBuf {
