@@ -124,6 +124,15 @@ async fn launch(
         .await
 }
 
+/// Shows `cli`, the command line that does the same, then runs `config` in the foreground
+/// as `ltv run --rm busybox` would and shows its exit code.
+async fn run_shown(client: &Client, cli: &str, config: InstanceConfig) -> Result<(), ClientError> {
+    shell(cli);
+    let code = run_attached(client, "busybox", config).await?;
+    println!("exit code {code}");
+    Ok(())
+}
+
 async fn run_attached(
     client: &Client,
     image: &str,
@@ -418,66 +427,36 @@ async fn scenes(client: &Client) -> Result<(), ClientError> {
 
     step("An application container in the foreground");
     let script = "echo \"hostname: $(hostname)\"; echo \"my pid: $$\"; echo \"processes: $(ls /proc | grep -c '^[0-9]')\"; cat /proc/net/dev | tail -n +3 | cut -d: -f1";
-    shell(&format!(
-        "ltv run --rm --memory 64MiB busybox -- sh -c '{script}'"
-    ));
-    let code = run_attached(
-        client,
-        "busybox",
-        InstanceConfig {
-            memory: Some("64MiB".into()),
-            command: sh(script),
-            ..Default::default()
-        },
-    )
-    .await?;
-    println!("exit code {code}");
+    let config = InstanceConfig {
+        memory: Some("64MiB".into()),
+        command: sh(script),
+        ..Default::default()
+    };
+    let cli = format!("ltv run --rm --memory 64MiB busybox -- sh -c '{script}'");
+    run_shown(client, &cli, config).await?;
 
     step("Exit codes and missing commands");
-    shell("ltv run --rm busybox -- sh -c 'exit 7'");
-    println!(
-        "exit code {}",
-        run_attached(
-            client,
-            "busybox",
-            InstanceConfig {
-                command: sh("exit 7"),
-                ..Default::default()
-            }
-        )
-        .await?
-    );
-    shell("ltv run --rm busybox -- no-such-command");
-    println!(
-        "exit code {}",
-        run_attached(
-            client,
-            "busybox",
-            InstanceConfig {
-                command: vec!["no-such-command".into()],
-                ..Default::default()
-            }
-        )
-        .await?
-    );
+    let config = InstanceConfig {
+        command: sh("exit 7"),
+        ..Default::default()
+    };
+    run_shown(client, "ltv run --rm busybox -- sh -c 'exit 7'", config).await?;
+    let config = InstanceConfig {
+        command: vec!["no-such-command".into()],
+        ..Default::default()
+    };
+    run_shown(client, "ltv run --rm busybox -- no-such-command", config).await?;
 
     step("A read-only root: the image itself, no overlay (Docker's --read-only)");
     let script = "cat /etc/hostname; touch /new-file";
-    shell(&format!(
-        "ltv run --rm --read-only --network none busybox -- sh -c '{script}'"
-    ));
-    let code = run_attached(
-        client,
-        "busybox",
-        InstanceConfig {
-            read_only: true,
-            network: Some("none".into()),
-            command: sh(script),
-            ..Default::default()
-        },
-    )
-    .await?;
-    println!("exit code {code}");
+    let config = InstanceConfig {
+        read_only: true,
+        network: Some("none".into()),
+        command: sh(script),
+        ..Default::default()
+    };
+    let cli = format!("ltv run --rm --read-only --network none busybox -- sh -c '{script}'");
+    run_shown(client, &cli, config).await?;
 
     step("A detached container with limits, exec and usage");
     shell("ltv launch busybox web --kind app --memory 32MiB --pids 20 -- sh -c 'while true; do echo tick; sleep 1; done'");
