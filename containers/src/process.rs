@@ -148,9 +148,26 @@ fn validate(spec: &ContainerSpec) -> Result<(), Error> {
             "a read-only rootfs is for containers that cannot remount it, not nesting ones".into(),
         ));
     }
+    let inside = |t: &str| {
+        let t = Path::new(t);
+        t.is_absolute() && !t.components().any(|c| c == std::path::Component::ParentDir)
+    };
+    for (i, t) in spec.tmpfs.iter().enumerate() {
+        if !inside(&t.target) || Path::new(&t.target).parent().is_none() {
+            return Err(Error::InvalidSpec(format!(
+                "tmpfs {:?} must be absolute, not /, without '..'",
+                t.target
+            )));
+        }
+        if spec.tmpfs[..i].iter().any(|o| o.target == t.target) {
+            return Err(Error::InvalidSpec(format!(
+                "tmpfs {} given twice",
+                t.target
+            )));
+        }
+    }
     for b in &spec.binds {
-        let t = Path::new(&b.target);
-        if !t.is_absolute() || t.components().any(|c| c == std::path::Component::ParentDir) {
+        if !inside(&b.target) {
             return Err(Error::InvalidSpec(format!(
                 "bind target {:?} must be absolute, without '..'",
                 b.target

@@ -557,6 +557,10 @@ pub fn setup(root: &Path, spec: &crate::spec::ContainerSpec, cg: &CgroupMounts) 
         remount_bind_adding(&target, ro | MsFlags::MS_NOSUID)?;
     }
     pivot(root)?;
+    // After pivot_root, so that a symlink in a path the user gave resolves inside.
+    for t in &spec.tmpfs {
+        mount_tmpfs(t)?;
+    }
     if spec.nesting {
         // Masks would be locked in the mount namespace of any container it starts, and
         // the kernel refuses a new proc mount where one is partly hidden. What they hide is
@@ -564,6 +568,23 @@ pub fn setup(root: &Path, spec: &crate::spec::ContainerSpec, cg: &CgroupMounts) 
         return Ok(());
     }
     mask_paths()
+}
+
+fn mount_tmpfs(t: &crate::spec::Tmpfs) -> Result<()> {
+    let target = Path::new(&t.target);
+    mkdir_p(target)?;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if !t.exec {
+        flags |= MsFlags::MS_NOEXEC;
+    }
+    if t.readonly {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let mut data = format!("mode={:o}", t.mode);
+    if let Some(size) = t.size_bytes {
+        data.push_str(&format!(",size={size}"));
+    }
+    mnt(Some("tmpfs"), target, Some("tmpfs"), flags, Some(&data))
 }
 
 fn refuse_symlink(p: &Path) -> Result<()> {

@@ -33,6 +33,9 @@ pub struct ContainerSpec {
     /// Host directories bind-mounted into the container.
     #[serde(default)]
     pub binds: Vec<Bind>,
+    /// Fresh tmpfs mounts inside it (Docker's `--tmpfs`).
+    #[serde(default)]
+    pub tmpfs: Vec<Tmpfs>,
 }
 
 impl ContainerSpec {
@@ -53,6 +56,20 @@ pub struct Bind {
     /// Absolute path inside the container.
     pub target: String,
     #[serde(default)]
+    pub readonly: bool,
+}
+
+/// A fresh tmpfs inside the container, owned by its root; nosuid and nodev always.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tmpfs {
+    /// Absolute path inside the container.
+    pub target: String,
+    /// `None`: the kernel's default, half of RAM (charged to the container's memory).
+    pub size_bytes: Option<u64>,
+    /// Permission bits of its root.
+    pub mode: u32,
+    /// Programs may run from it (Docker's tmpfs is `noexec` unless asked).
+    pub exec: bool,
     pub readonly: bool,
 }
 

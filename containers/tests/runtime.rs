@@ -151,6 +151,7 @@ impl Env {
             init_may_reboot: false,
             run_tmpfs: false,
             binds: vec![],
+            tmpfs: vec![],
         };
         self.specs.lock().unwrap().push(s.clone());
         s

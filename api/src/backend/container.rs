@@ -297,6 +297,7 @@ impl ContainerBackend {
             init_may_reboot: false,
             run_tmpfs: false,
             binds: vec![],
+            tmpfs: vec![],
         }
     }
 
