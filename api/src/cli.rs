@@ -149,6 +149,9 @@ pub struct Limits {
     /// Mount the root filesystem read-only (app containers).
     #[arg(long)]
     pub read_only: bool,
+    /// Mount a fresh tmpfs: PATH[:size=64m,mode=1777,exec,ro] (noexec by default).
+    #[arg(long, value_name = "PATH[:OPTIONS]")]
+    pub tmpfs: Vec<String>,
     /// `bridge` (default) or `none`.
     #[arg(long)]
     pub network: Option<String>,
@@ -165,6 +168,7 @@ impl Limits {
             workdir: self.workdir.clone(),
             privileged: self.privileged,
             read_only: self.read_only,
+            tmpfs: self.tmpfs.clone(),
             network: self.network.clone(),
         }
     }
@@ -669,6 +673,9 @@ fn print_info(i: &Instance) {
     }
     if c.read_only {
         println!("Root fs:    read-only");
+    }
+    if !c.tmpfs.is_empty() {
+        println!("Tmpfs:      {}", c.tmpfs.join(" "));
     }
     if let Some(u) = &i.usage {
         println!(

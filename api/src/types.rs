@@ -120,6 +120,10 @@ pub struct InstanceConfig {
     /// /etc/hosts and /etc/hostname bound over the image's; app containers only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+    /// Fresh tmpfs mounts, Docker's `--tmpfs PATH[:OPTIONS]` (options `size=64m`,
+    /// `mode=1777`, `exec`, `ro`); `noexec`, `nosuid` and `nodev` by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs: Vec<String>,
     /// `bridge` (default: a veth on the daemon's bridge with an address) or `none`
     /// (only loopback).
     #[serde(default, skip_serializing_if = "Option::is_none")]

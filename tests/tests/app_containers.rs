@@ -462,6 +462,74 @@ fn read_only_rootfs_is_the_image_itself() {
 }
 
 #[test]
+fn tmpfs_mounts_are_fresh_and_owned_by_the_containers_root() {
+    require_root!();
+    let d = daemon_with_busybox();
+    let out = d.ltv(&[
+        "run",
+        "--rm",
+        "--name",
+        "tf1",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run:size=4m,mode=755,exec",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo hi > /tmp/f && cat /tmp/f; stat -c '%u %a' /tmp /run; \
+         grep -E ' /(tmp|run) ' /proc/mounts | cut -d' ' -f2,4 | cut -d, -f1-5; \
+         cp /bin/busybox /tmp/true; /tmp/true 2>/dev/null; echo tmp-exec=$?; \
+         cp /bin/busybox /run/true; /run/true; echo run-exec=$?",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let o = stdout(&out);
+    assert!(
+        o.starts_with("hi\n0 1777\n0 755\n"),
+        "written, owned by its root: {o}"
+    );
+    assert!(o.contains("/tmp rw,nosuid,nodev,noexec,"), "{o}");
+    assert!(
+        o.contains("/run rw,nosuid,nodev,relatime,size=4096k"),
+        "{o}"
+    );
+    assert!(
+        o.ends_with("tmp-exec=126\nrun-exec=0\n"),
+        "noexec unless exec: {o}"
+    );
+    d.assert_no_leftovers("tf1");
+
+    d.ok(&[
+        "launch", "busybox", "tf2", "--kind", "app", "--tmpfs", "/scratch", "--", "sleep", "600",
+    ]);
+    assert!(d.ok(&["info", "tf2"]).contains("Tmpfs:      /scratch"));
+    assert_eq!(d.instance("tf2")["config"]["tmpfs"][0], "/scratch");
+    d.ok(&["delete", "--force", "tf2"]);
+    d.assert_no_leftovers("tf2");
+
+    for bad in [
+        r#"["tmp"]"#,
+        r#"["/"]"#,
+        r#"["/a:size=lots"]"#,
+        r#"["/a:suid"]"#,
+        r#"["/a","/a"]"#,
+    ] {
+        let (s, e) = d.api_json(
+            "POST",
+            "/1.0/instances",
+            Some(&format!(
+                r#"{{"name":"tf3","kind":"app","image":"busybox","config":{{"tmpfs":{bad}}},"start":true}}"#
+            )),
+        );
+        assert_eq!(s, 400, "tmpfs {bad}: {e}");
+        assert!(e["error"].as_str().unwrap().contains("tmpfs"), "{e}");
+        d.assert_no_leftovers("tf3");
+    }
+}
+
+#[test]
 fn bad_input_is_rejected_and_leaves_nothing() {
     require_root!();
     let d = daemon_with_busybox();

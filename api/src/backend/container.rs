@@ -13,7 +13,7 @@ use ltv_containers::image::ImageStore;
 use ltv_containers::network::{self, BridgeConfig};
 use ltv_containers::process::{self, Stdio};
 use ltv_containers::spec::{
-    Bind, ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec,
+    Bind, ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec, Tmpfs,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -311,6 +311,7 @@ impl ContainerBackend {
         spec.rootfs.lowerdirs = vec![self.rootfs_of(image)];
         spec.rootfs.volatile = instance.auto_remove;
         spec.rootfs.readonly = instance.config.read_only;
+        spec.tmpfs = tmpfs_of(instance)?;
         spec.process = process;
         spec.limits = limits_of(instance)?;
         spec.idmap = self.idmap(instance);
@@ -609,6 +610,65 @@ fn own_idmap() -> Option<IdMap> {
     }
 }
 
+/// The instance's `--tmpfs` mounts, validated.
+fn tmpfs_of(instance: &Instance) -> Result<Vec<Tmpfs>, ApiError> {
+    let mut all: Vec<Tmpfs> = Vec::new();
+    for arg in &instance.config.tmpfs {
+        let t = parse_tmpfs(arg).map_err(ApiError::bad_request)?;
+        if all.iter().any(|o| o.target == t.target) {
+            return Err(ApiError::bad_request(format!(
+                "tmpfs {} given twice",
+                t.target
+            )));
+        }
+        all.push(t);
+    }
+    Ok(all)
+}
+
+/// Docker's `--tmpfs PATH[:OPTIONS]`: options `size=` (as `--memory`, at least 4 KiB),
+/// `mode=` (octal), `exec`, `noexec`, `ro`, `rw`, and `nosuid`, `nodev`, which always hold.
+fn parse_tmpfs(arg: &str) -> Result<Tmpfs, String> {
+    let (target, options) = arg.split_once(':').unwrap_or((arg, ""));
+    let path = std::path::Path::new(target);
+    if !path.is_absolute()
+        || path.parent().is_none()
+        || path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(format!(
+            "tmpfs {arg:?}: the path must be absolute, not /, without '..'"
+        ));
+    }
+    let mut t = Tmpfs {
+        target: target.to_string(),
+        size_bytes: None,
+        mode: 0o1777,
+        exec: false,
+        readonly: false,
+    };
+    for o in options.split(',').filter(|o| !o.is_empty()) {
+        let bad = || format!("tmpfs {arg:?}: bad option {o:?}");
+        match o.split_once('=') {
+            Some(("size", v)) => {
+                t.size_bytes = Some(parse_size(v).ok().filter(|b| *b >= 4096).ok_or_else(bad)?)
+            }
+            Some(("mode", v)) => {
+                t.mode = u32::from_str_radix(v, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(bad)?
+            }
+            None if o == "exec" || o == "noexec" => t.exec = o == "exec",
+            None if o == "ro" || o == "rw" => t.readonly = o == "ro",
+            None if o == "nosuid" || o == "nodev" => {}
+            _ => return Err(bad()),
+        }
+    }
+    Ok(t)
+}
+
 /// The instance's limits, validated (the API validates at create; this re-checks stored config).
 pub fn limits_of(instance: &Instance) -> Result<Limits, ApiError> {
     let c = &instance.config;
@@ -781,6 +841,7 @@ impl Backend for ContainerBackend {
                 "network {n:?}: use bridge or none"
             )));
         }
+        tmpfs_of(instance)?;
         if instance.config.read_only && instance.kind != Kind::App {
             return Err(ApiError::bad_request(
                 "--read-only is for app containers: a system container's init writes its root filesystem",
@@ -1002,6 +1063,36 @@ impl Backend for ContainerBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tmpfs_options() {
+        let t = parse_tmpfs("/tmp").unwrap();
+        assert_eq!(
+            (t.target.as_str(), t.size_bytes, t.mode, t.exec, t.readonly),
+            ("/tmp", None, 0o1777, false, false)
+        );
+        let t = parse_tmpfs("/run:size=64m,mode=755,exec,nosuid").unwrap();
+        assert_eq!(
+            (t.size_bytes, t.mode, t.exec),
+            (Some(64 << 20), 0o755, true)
+        );
+        assert_eq!(
+            parse_tmpfs("/c:size=65536k,ro").unwrap().size_bytes,
+            Some(64 << 20)
+        );
+        assert!(parse_tmpfs("/c:ro").unwrap().readonly);
+        for bad in [
+            "tmp",
+            "/",
+            "/a/../b",
+            "/a:size=lots",
+            "/a:size=1",
+            "/a:mode=999",
+            "/a:suid",
+        ] {
+            assert!(parse_tmpfs(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn refills_wait_for_quiet() {

@@ -397,6 +397,11 @@ impl Backend for VmBackend {
                 "--read-only is for app containers: a microVM boots from its own root disk",
             ));
         }
+        if !instance.config.tmpfs.is_empty() {
+            return Err(ApiError::bad_request(
+                "--tmpfs is for containers: a microVM's guest mounts its own",
+            ));
+        }
         self.vm_config(instance, image).map(|_| ())
     }
 
