@@ -569,6 +569,25 @@ fn readonly_rootfs(env: &Env) {
         process::destroy(&spec).expect("destroy");
         assert_gone(&spec);
     }
+    // A tmpfs where the read-only root has a directory; a path that leaves the root is refused.
+    let mut spec = env.spec("ro-tmpfs", &["sh", "-c", "echo x > /tmp/f && cat /tmp/f"]);
+    spec.rootfs.readonly = true;
+    spec.tmpfs = vec![ltv_containers::spec::Tmpfs {
+        target: "/tmp".into(),
+        size_bytes: Some(1 << 20),
+        mode: 0o1777,
+        exec: false,
+        readonly: false,
+    }];
+    let (io, r) = stdio();
+    let s = process::start(&spec, io, None).expect("start");
+    assert_eq!((wait(s.pid), read_all(r).as_str()), (0, "x\n"));
+    process::destroy(&spec).expect("destroy");
+    assert_gone(&spec);
+    spec.tmpfs[0].target = "/tmp/../../x".into();
+    let (io, _r) = stdio();
+    let refused = process::start(&spec, io, None);
+    assert!(matches!(&refused, Err(process::Error::InvalidSpec(m)) if m.contains("tmpfs")));
     // A nesting container's root could remount it read-write.
     let mut spec = env.spec("ro-nesting", &["true"]);
     spec.rootfs.readonly = true;
