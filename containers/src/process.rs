@@ -148,26 +148,9 @@ fn validate(spec: &ContainerSpec) -> Result<(), Error> {
             "a read-only rootfs is for containers that cannot remount it, not nesting ones".into(),
         ));
     }
-    let inside = |t: &str| {
-        let t = Path::new(t);
-        t.is_absolute() && !t.components().any(|c| c == std::path::Component::ParentDir)
-    };
-    for (i, t) in spec.tmpfs.iter().enumerate() {
-        if !inside(&t.target) || Path::new(&t.target).parent().is_none() {
-            return Err(Error::InvalidSpec(format!(
-                "tmpfs {:?} must be absolute, not /, without '..'",
-                t.target
-            )));
-        }
-        if spec.tmpfs[..i].iter().any(|o| o.target == t.target) {
-            return Err(Error::InvalidSpec(format!(
-                "tmpfs {} given twice",
-                t.target
-            )));
-        }
-    }
+    crate::spec::check_tmpfs(&spec.tmpfs).map_err(Error::InvalidSpec)?;
     for b in &spec.binds {
-        if !inside(&b.target) {
+        if !crate::spec::is_mount_target(&b.target) {
             return Err(Error::InvalidSpec(format!(
                 "bind target {:?} must be absolute, without '..'",
                 b.target

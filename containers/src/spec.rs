@@ -73,6 +73,28 @@ pub struct Tmpfs {
     pub readonly: bool,
 }
 
+/// A path inside the container as a mount target: absolute, without '..'.
+pub fn is_mount_target(t: &str) -> bool {
+    let t = std::path::Path::new(t);
+    t.is_absolute() && !t.components().any(|c| c == std::path::Component::ParentDir)
+}
+
+/// Checks tmpfs mounts: each target a mount target other than /, none given twice.
+pub fn check_tmpfs(all: &[Tmpfs]) -> Result<(), String> {
+    for (i, t) in all.iter().enumerate() {
+        if !is_mount_target(&t.target) || std::path::Path::new(&t.target).parent().is_none() {
+            return Err(format!(
+                "tmpfs {:?} must be absolute, not /, without '..'",
+                t.target
+            ));
+        }
+        if all[..i].iter().any(|o| o.target == t.target) {
+            return Err(format!("tmpfs {} given twice", t.target));
+        }
+    }
+    Ok(())
+}
+
 /// An overlayfs rootfs: read-only image layers below, a per-instance upper dir on top;
 /// or, `readonly`, the image layers alone.
 #[derive(Debug, Clone, Serialize, Deserialize)]

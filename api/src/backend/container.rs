@@ -13,7 +13,7 @@ use ltv_containers::image::ImageStore;
 use ltv_containers::network::{self, BridgeConfig};
 use ltv_containers::process::{self, Stdio};
 use ltv_containers::spec::{
-    Bind, ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec, Tmpfs,
+    check_tmpfs, Bind, ContainerSpec, IdMap, Limits, NetworkMode, ProcessSpec, RootfsSpec, Tmpfs,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -612,17 +612,14 @@ fn own_idmap() -> Option<IdMap> {
 
 /// The instance's `--tmpfs` mounts, validated.
 fn tmpfs_of(instance: &Instance) -> Result<Vec<Tmpfs>, ApiError> {
-    let mut all: Vec<Tmpfs> = Vec::new();
-    for arg in &instance.config.tmpfs {
-        let t = parse_tmpfs(arg).map_err(ApiError::bad_request)?;
-        if all.iter().any(|o| o.target == t.target) {
-            return Err(ApiError::bad_request(format!(
-                "tmpfs {} given twice",
-                t.target
-            )));
-        }
-        all.push(t);
-    }
+    let all = instance
+        .config
+        .tmpfs
+        .iter()
+        .map(|arg| parse_tmpfs(arg))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::bad_request)?;
+    check_tmpfs(&all).map_err(ApiError::bad_request)?;
     Ok(all)
 }
 
@@ -630,17 +627,6 @@ fn tmpfs_of(instance: &Instance) -> Result<Vec<Tmpfs>, ApiError> {
 /// `mode=` (octal), `exec`, `noexec`, `ro`, `rw`, and `nosuid`, `nodev`, which always hold.
 fn parse_tmpfs(arg: &str) -> Result<Tmpfs, String> {
     let (target, options) = arg.split_once(':').unwrap_or((arg, ""));
-    let path = std::path::Path::new(target);
-    if !path.is_absolute()
-        || path.parent().is_none()
-        || path
-            .components()
-            .any(|c| c == std::path::Component::ParentDir)
-    {
-        return Err(format!(
-            "tmpfs {arg:?}: the path must be absolute, not /, without '..'"
-        ));
-    }
     let mut t = Tmpfs {
         target: target.to_string(),
         size_bytes: None,
@@ -666,6 +652,7 @@ fn parse_tmpfs(arg: &str) -> Result<Tmpfs, String> {
             _ => return Err(bad()),
         }
     }
+    check_tmpfs(std::slice::from_ref(&t))?;
     Ok(t)
 }
 
