@@ -1,6 +1,7 @@
 //! Application containers (Docker-style): one process tree from an image, on an
 //! overlay rootfs, in its own namespaces and cgroup.
 
+use super::refill::{Quiet, RefillJob, Refiller};
 use super::{blocking, Backend, Started};
 use crate::client::Client;
 use crate::daemon::error::ApiError;
@@ -32,6 +33,8 @@ pub struct ContainerBackend {
     exec_spares: Option<Arc<process::ExecSpares>>,
     /// Starts and execs in progress: refills wait for them (see [`Quiet`]).
     quiet: Arc<Quiet>,
+    /// Tops up the pools (by index) and, last, the exec spares.
+    refiller: Refiller,
     /// The bridge instances attach to (`None`: loopback only).
     bridge: Option<BridgeConfig>,
     /// `<state>/bundle`: the `ltv` that system containers get at `/.ltv`.
@@ -53,77 +56,6 @@ pub struct ContainerBackend {
     /// tears down the exited container's network namespace (0.3-0.7 ms off a bridged
     /// `run --rm`).
     veths: std::sync::Mutex<std::collections::HashMap<String, u32>>,
-}
-
-/// Refills of spare helpers wait for a quiet moment: a refill's clone, cgroup directories
-/// and veth take the same CPUs and kernel locks (cgroup_mutex, rtnl) as the start or exec
-/// that just used a spare, and as the one that usually follows it (`launch`, then `exec`).
-/// Run right after each start, the refill ate what making veths ahead saved. Only the
-/// spare that an emptied pool needs is made at once (`refill_soon`).
-#[derive(Default)]
-struct Quiet {
-    /// Starts and execs running now, and when the last one ended.
-    state: std::sync::Mutex<(usize, Option<std::time::Instant>)>,
-}
-
-impl Quiet {
-    /// Quiet this long after the last start or exec ends.
-    const AFTER: std::time::Duration = std::time::Duration::from_millis(15);
-    /// A refill waits no longer than this, so a steady stream of starts still gets spares.
-    const AT_MOST: std::time::Duration = std::time::Duration::from_millis(150);
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<std::time::Instant>)> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Marks a start or exec as running until the guard drops.
-    fn enter(self: &Arc<Self>) -> impl Drop {
-        self.lock().0 += 1;
-        QuietGuard(self.clone())
-    }
-
-    /// Blocks until nothing ran for [`Self::AFTER`], or [`Self::AT_MOST`] passed.
-    fn wait(&self) {
-        let deadline = std::time::Instant::now() + Self::AT_MOST;
-        loop {
-            let now = std::time::Instant::now();
-            let pause = match *self.lock() {
-                (0, None) => return,
-                (0, Some(last)) => match Self::AFTER.checked_sub(now - last) {
-                    None => return,
-                    Some(left) => left,
-                },
-                _ => Self::AFTER,
-            };
-            if now >= deadline {
-                return;
-            }
-            std::thread::sleep(pause.min(deadline - now));
-        }
-    }
-}
-
-/// Tops spares up on a thread of its own (a refill waits on the kernel, not the runtime):
-/// one at once if none is left, the rest when quiet. Waiting for quiet alone starved the
-/// pool in a stream of starts: 28 of 40 back-to-back `run --rm --network none` made their
-/// own helper.
-fn refill_soon(quiet: &Arc<Quiet>, refill: impl Fn(usize) + Send + 'static) {
-    let quiet = quiet.clone();
-    std::thread::spawn(move || {
-        refill(1);
-        quiet.wait();
-        refill(usize::MAX);
-    });
-}
-
-struct QuietGuard(Arc<Quiet>);
-
-impl Drop for QuietGuard {
-    fn drop(&mut self) {
-        let mut state = self.0.lock();
-        state.0 -= 1;
-        state.1 = Some(std::time::Instant::now());
-    }
 }
 
 /// Where a nesting system container's own daemon listens, inside it.
@@ -172,14 +104,27 @@ impl ContainerBackend {
         .into_iter()
         .filter_map(|(userns, veths, size)| process::Pool::new(&cgroup_root, size, userns, veths))
         .map(Arc::new)
-        .collect();
+        .collect::<Vec<Arc<process::Pool>>>();
+        let exec_spares = process::ExecSpares::new(pool_size).map(Arc::new);
+        let mut jobs: Vec<RefillJob> = pools
+            .iter()
+            .map(|pool| {
+                let pool = pool.clone();
+                Box::new(move |count| pool.refill(count)) as RefillJob
+            })
+            .collect();
+        if let Some(spares) = exec_spares.clone() {
+            jobs.push(Box::new(move |count| spares.refill(count)));
+        }
+        let quiet = Arc::new(Quiet::default());
         let backend = ContainerBackend {
             instances_dir,
             images,
             cgroup_root,
+            refiller: Refiller::new(quiet.clone(), jobs),
+            quiet,
             pools,
-            exec_spares: process::ExecSpares::new(pool_size).map(Arc::new),
-            quiet: Default::default(),
+            exec_spares,
             bridge,
             bundle_cache,
             bundle: std::sync::OnceLock::new(),
@@ -189,30 +134,24 @@ impl ContainerBackend {
             powered_off: Default::default(),
             veths: Default::default(),
         };
-        for pool in &backend.pools {
-            backend.refill(pool.clone());
+        for job in 0..=backend.pools.len() {
+            backend.refiller.request(job);
         }
-        backend.refill_exec_spares();
         backend
     }
 
-    fn pool_for(&self, instance: &Instance) -> Option<Arc<process::Pool>> {
+    /// The index of the pool that has spares for `instance`.
+    fn pool_for(&self, instance: &Instance) -> Option<usize> {
         let userns = instance.idmap_base.is_some();
         let veth = self.bridge.is_some() && self.wants_address(instance);
         self.pools
             .iter()
-            .find(|p| p.userns() == userns && p.veths() == veth)
-            .cloned()
-    }
-
-    fn refill(&self, pool: Arc<process::Pool>) {
-        refill_soon(&self.quiet, move |count| pool.refill(count));
+            .position(|p| p.userns() == userns && p.veths() == veth)
     }
 
     fn refill_exec_spares(&self) {
-        if let Some(spares) = self.exec_spares.clone() {
-            refill_soon(&self.quiet, move |count| spares.refill(count));
-        }
+        // Its job comes after the pools'.
+        self.refiller.request(self.pools.len());
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -863,10 +802,10 @@ impl Backend for ContainerBackend {
         let spec = self.spec(instance, image, process).await?;
         self.write_hosts(instance)?;
         let pool = self.pool_for(instance);
-        let claimed = pool.clone();
+        let claimed = pool.map(|i| self.pools[i].clone());
         let started = blocking(move || process::start(&spec, stdio, claimed.as_deref())).await?;
         if let Some(pool) = pool {
-            self.refill(pool);
+            self.refiller.request(pool);
         }
         let started = started.map_err(runtime_error)?;
         if let Some(index) = started.veth {
@@ -1079,47 +1018,6 @@ mod tests {
         ] {
             assert!(parse_tmpfs(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn refills_wait_for_quiet() {
-        use std::time::{Duration, Instant};
-        let quiet = Arc::new(Quiet::default());
-        // Nothing ever ran: no wait (returns, rather than sleeping AT_MOST).
-        quiet.wait();
-        // A start running: the refill waits for it to end, then for the quiet period.
-        let busy = quiet.enter();
-        let t = Instant::now();
-        let waiter = {
-            let quiet = quiet.clone();
-            std::thread::spawn(move || quiet.wait())
-        };
-        std::thread::sleep(Duration::from_millis(40));
-        drop(busy);
-        waiter.join().unwrap();
-        assert!(t.elapsed() >= Duration::from_millis(40) + Quiet::AFTER);
-        // Starts that never stop leave it waiting only so long.
-        let _busy = quiet.enter();
-        let t = Instant::now();
-        quiet.wait();
-        assert!(t.elapsed() >= Quiet::AT_MOST);
-    }
-
-    #[test]
-    fn an_empty_pool_gets_its_next_spare_at_once() {
-        use std::time::{Duration, Instant};
-        let quiet = Arc::new(Quiet::default());
-        // A stream of starts: never quiet.
-        let _busy = quiet.enter();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let t = Instant::now();
-        refill_soon(&quiet, move |count| tx.send((count, t.elapsed())).unwrap());
-        let (count, at) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(count, 1, "one spare first");
-        assert!(at < Quiet::AT_MOST, "without waiting for quiet: {at:?}");
-        let (count, at) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(count, usize::MAX, "then the rest");
-        assert!(at >= Quiet::AT_MOST, "after waiting for quiet: {at:?}");
     }
 
     #[test]

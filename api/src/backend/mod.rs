@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod container;
+mod refill;
 pub mod rootdisk;
 pub mod vm;
 
