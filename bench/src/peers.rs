@@ -230,6 +230,10 @@ impl Lxc {
                 h.push_undo(&["rmdir", &p.to_string_lossy()]);
             }
         }
+        // A system container like ltv's: the image's own init runs its boot script.
+        if std::fs::symlink_metadata(image_rootfs.join("sbin/init")).is_err() {
+            return Err(format!("{} has no /sbin/init", image_rootfs.display()));
+        }
         let path = h.dir.join("lxc");
         let rootfs = h.dir.join("lxc-rootfs");
         std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
@@ -248,8 +252,23 @@ impl Lxc {
     fn config(&self, name: &str) -> Result<(), String> {
         let d = self.path.join(name);
         std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+        // LXC's own busybox template (lxc-busybox) less its ttys and console pty, which
+        // ltv's containers do not have either, plus the two lines this host needs.
         let cfg = format!(
-            "lxc.uts.name = {name}\nlxc.rootfs.path = dir:{}\nlxc.net.0.type = empty\nlxc.apparmor.profile = unconfined\nlxc.init.cmd = /bin/sleep 86400\nlxc.mount.auto = proc:mixed sys:ro\nlxc.tty.max = 0\nlxc.console.path = none\n",
+            "lxc.uts.name = {name}
+lxc.rootfs.path = dir:{}
+lxc.init.cmd = /sbin/init
+lxc.signal.halt = SIGUSR1
+lxc.autodev = 1
+lxc.tty.max = 0
+lxc.pty.max = 1
+lxc.console.path = none
+lxc.mount.auto = cgroup:mixed proc:mixed sys:ro
+lxc.mount.entry = shm dev/shm tmpfs defaults,create=dir 0 0
+lxc.mount.entry = mqueue dev/mqueue mqueue defaults,optional,create=dir 0 0
+lxc.net.0.type = empty
+lxc.apparmor.profile = unconfined
+",
             self.rootfs.display()
         );
         std::fs::write(d.join("config"), cfg).map_err(|e| e.to_string())
