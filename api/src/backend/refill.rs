@@ -132,6 +132,11 @@ impl Shared {
     }
 
     fn run(&self) {
+        // Lowest priority: in a stream of requests, a refill overlapped about half of the
+        // `launch`es and `exec`s it followed; at nice 19 it takes mostly the CPU they
+        // leave idle (system `launch` + `exec` back to back 2-4 % faster).
+        // SAFETY: setpriority on our own thread id, no pointers.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
         let mut pending = self.lock();
         while !pending.closed {
             // Between two jobs, what a start just emptied goes first.
@@ -251,6 +256,21 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(10)),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
         );
+    }
+
+    #[test]
+    fn refills_run_at_the_lowest_priority() {
+        let (tx, rx) = channel();
+        let tx = Mutex::new(tx);
+        let job: RefillJob = Box::new(move |_| {
+            // SAFETY: getpriority of our own thread id, no pointers.
+            let nice =
+                unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+            let _ = tx.lock().unwrap().send(nice);
+        });
+        let refiller = Refiller::new(Arc::new(Quiet::default()), vec![job]);
+        refiller.request(0);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(19));
     }
 
     #[test]
