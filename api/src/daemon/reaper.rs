@@ -42,6 +42,29 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Sends SIGKILL to `pid` if `is_it` still holds once a pidfd pins the process: a pid
+/// from our records may have been reaped, and reused, since they were read.
+pub fn kill_pinned(pid: i32, is_it: impl FnOnce() -> bool) -> io::Result<bool> {
+    let fd = pidfd_open(pid)?;
+    if !is_it() {
+        return Ok(false);
+    }
+    // SAFETY: pidfd_send_signal on our own descriptor, without siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
 /// Adopted orphans to reap: a subreaper gets the processes that `exec` started in a
 /// container when their helper dies first (setns + fork children skip the container's
 /// init). Each is a zombie child of ours inside a deeper pid namespace, never PID 1 there
