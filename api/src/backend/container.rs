@@ -824,7 +824,7 @@ impl Backend for ContainerBackend {
                 // Killing the init of the container's pid namespace kills everything in
                 // it, and nothing can be made there afterwards: that usually empties the
                 // group without the freezer, whose freeze and thaw each patch kernel text
-                // with IPIs to every CPU (delete --force 0.60-0.77x as long).
+                // with IPIs to every CPU (`delete --force` 0.85x as long).
                 let in_group = || cg.processes().is_ok_and(|p| p.contains(&pid));
                 let _ = crate::daemon::reaper::kill_pinned(pid, in_group);
                 let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
