@@ -122,6 +122,40 @@ fn killing_init_from_the_host_stops_the_instance() {
 }
 
 #[test]
+fn forced_delete_also_kills_what_joined_the_group_from_outside() {
+    require_root!();
+    let d = daemon_with_busybox();
+    d.ok(&["launch", "busybox", "mixed"]);
+    d.wait_status("mixed", "Running", Duration::from_secs(5));
+    // A host process in the container's cgroup but not in its pid namespace: killing the
+    // container's init does not take it, so the forced stop has to.
+    let mut outsider = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let dirs = d.cgroup_dirs("mixed");
+    assert!(!dirs.is_empty());
+    for dir in &dirs {
+        std::fs::write(dir.join("cgroup.procs"), outsider.id().to_string()).unwrap();
+    }
+    d.ok(&["delete", "--force", "mixed"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = outsider.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = outsider.kill();
+            panic!("the outsider survived the forced delete");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    d.assert_no_leftovers("mixed");
+}
+
+#[test]
 fn image_without_init_is_a_clear_error() {
     require_root!();
     let d = daemon_with_busybox();
