@@ -699,6 +699,24 @@ fn runtime_error(e: process::Error) -> ApiError {
     }
 }
 
+/// Kills every process of a container. Killing the init of its pid namespace kills
+/// everything in it, and nothing can be made there afterwards: that usually empties the
+/// group without the freezer, whose freeze and thaw each patch kernel text with IPIs to
+/// every CPU (`delete --force` 0.85x as long). What is left after 100 ms (a process that
+/// joined the group from outside) gets the freezer kill.
+fn kill_through_init(cg: &dyn cgroups::CgroupManager, init: i32) -> std::io::Result<()> {
+    let in_group = || cg.processes().is_ok_and(|p| p.contains(&init));
+    let _ = crate::daemon::reaper::kill_pinned(init, in_group);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    while std::time::Instant::now() < deadline {
+        if cg.processes().is_ok_and(|p| p.is_empty()) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    cg.kill_all()
+}
+
 /// Busybox init pauses 2 s while it powers off: 1 s after its SIGTERM to all and 1 s
 /// before reboot(2), for its messages to reach a console. Once it is the last process of
 /// its container and asleep in that pause, its shutdown is done (and no sync is pending:
@@ -724,7 +742,7 @@ fn end_busybox_shutdown_pause(
         let asleep = nr == Some(libc::SYS_nanosleep) || nr == Some(libc::SYS_clock_nanosleep);
         if asleep && cg.processes().is_ok_and(|p| p == [init]) {
             powered_off().insert(init);
-            if let Err(e) = cg.kill_all() {
+            if let Err(e) = kill_through_init(cg, init) {
                 tracing::warn!("ending busybox init's shutdown pause: {e}");
                 powered_off().remove(&init);
             }
@@ -820,24 +838,9 @@ impl Backend for ContainerBackend {
     async fn signal_stop(&self, instance: &Instance, pid: i32, kill: bool) -> Result<(), ApiError> {
         if kill {
             let cg = cgroups::manager(&self.cgroup(&instance.name));
-            blocking(move || {
-                // Killing the init of the container's pid namespace kills everything in
-                // it, and nothing can be made there afterwards: that usually empties the
-                // group without the freezer, whose freeze and thaw each patch kernel text
-                // with IPIs to every CPU (`delete --force` 0.85x as long).
-                let in_group = || cg.processes().is_ok_and(|p| p.contains(&pid));
-                let _ = crate::daemon::reaper::kill_pinned(pid, in_group);
-                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
-                while std::time::Instant::now() < deadline {
-                    if cg.processes().is_ok_and(|p| p.is_empty()) {
-                        return Ok(());
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                cg.kill_all()
-            })
-            .await?
-            .map_err(|e| ApiError::internal(format!("kill: {e}")))
+            blocking(move || kill_through_init(cg.as_ref(), pid))
+                .await?
+                .map_err(|e| ApiError::internal(format!("kill: {e}")))
         } else {
             // PID 1 of a pid namespace only gets signals it handles; the timeout covers the rest.
             let signal = match instance.kind {
