@@ -134,8 +134,9 @@ impl Report {
             self.args["network"].as_str().unwrap_or("?"),
             if self.suite == "start" {
                 format!(
-                    " Pause before each measured operation: {} ms.",
-                    self.args["settle_ms"]
+                    " Pause before each measured operation: {} ms. Order: {}.",
+                    self.args["settle_ms"],
+                    self.results["order"].as_str().unwrap_or("?")
                 )
             } else {
                 String::new()
