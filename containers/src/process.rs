@@ -1375,12 +1375,7 @@ fn init_exec(
     p: &ProcessSpec,
 ) -> InitResult<std::convert::Infallible> {
     let filter = security::seccomp(spec.profile()).map_err(|e| ("seccomp", e))?;
-    let ns = namespaces::open_namespaces(init_pid, spec.idmap.is_some())
-        .map_err(|e| ("container namespaces", e))?;
-    for (kind, fd) in &ns {
-        namespaces::join(kind, fd).map_err(|e| ("join container", e))?;
-    }
-    drop(ns);
+    namespaces::join_process(init_pid, spec.idmap.is_some()).map_err(|e| ("join container", e))?;
 
     // Block what we forward (and SIGCHLD) before fork, so none is lost.
     // SAFETY: signal mask manipulation in a single-threaded process.

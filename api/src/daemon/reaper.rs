@@ -1,8 +1,9 @@
 //! Waiting for processes without a monitor per container: the daemon waits on a
 //! pidfd for each process it started, and for processes it re-adopted after a restart.
 
+use ltv_containers::namespaces::pidfd_open;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
 
 /// How a waited-for process ended.
@@ -30,16 +31,6 @@ pub fn become_subreaper() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Sends SIGKILL to `pid` if `is_it` still holds once a pidfd pins the process: a pid
