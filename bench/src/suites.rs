@@ -384,8 +384,8 @@ const START_BLOCK: usize = 10;
 /// leaves running (ltv refilling its spare helpers, LXC's monitor exiting) lands on the
 /// next one, so each subject runs in blocks of [`START_BLOCK`], taking turns, and the first
 /// sample of a block, which follows another subject's, is discarded too: interleaved,
-/// LXC's `launch` + `exec` took 8.5 ms after its own stop and 17 ms after ltv's delete,
-/// whose deferred spare refill it paid for.
+/// LXC's `launch` + `exec` took a median 9.0 ms after its own stop and 17.3 ms after
+/// ltv's delete, whose deferred spare refill it paid for.
 fn start_order(subjects: usize, warmup: usize, count: usize, blocks: bool) -> Vec<(usize, bool)> {
     let mut order = Vec::new();
     if !blocks {
