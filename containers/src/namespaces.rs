@@ -288,15 +288,8 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd> {
 /// where a file and a setns per namespace took seven of each for every exec. Kernels that
 /// take no pidfd there (EINVAL) get one namespace file at a time.
 pub fn join_process(pid: i32, user: bool) -> Result<()> {
-    let mut flags = libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWCGROUP
-        | libc::CLONE_NEWNS;
-    if user {
-        flags |= libc::CLONE_NEWUSER;
-    }
+    // A container's namespaces: those it was cloned with and the cgroup one made after.
+    let flags = clone_flags(user) | libc::CLONE_NEWCGROUP;
     let pidfd =
         pidfd_open(pid).map_err(|e| Error::new(e.kind(), format!("pidfd of {pid}: {e}")))?;
     // SAFETY: setns on an owned pidfd with namespace flags.
